@@ -1,0 +1,226 @@
+//! Errors shared by every cleanup container: one failed cleanup, and all of them.
+
+use std::any::Any;
+use std::error::Error;
+use std::fmt;
+use std::panic::{self, AssertUnwindSafe, Location};
+
+/// A boxed error, the common currency of cleanups with different error types.
+pub type BoxError = Box<dyn Error + Send + Sync + 'static>;
+
+/// One cleanup that failed: returned an error or panicked.
+///
+/// It says which cleanup (its label: the guard's type or `defer`) and where it was
+/// registered.
+#[derive(Debug)]
+pub struct CleanupError {
+    label: &'static str,
+    site: &'static Location<'static>,
+    cause: Cause,
+}
+
+#[derive(Debug)]
+enum Cause {
+    Failed(BoxError),
+    Panicked(String),
+}
+
+impl CleanupError {
+    pub(crate) fn failed(
+        label: &'static str,
+        site: &'static Location<'static>,
+        error: BoxError,
+    ) -> Self {
+        CleanupError {
+            label,
+            site,
+            cause: Cause::Failed(error),
+        }
+    }
+
+    pub(crate) fn panicked(
+        label: &'static str,
+        site: &'static Location<'static>,
+        payload: Box<dyn Any + Send>,
+    ) -> Self {
+        CleanupError {
+            label,
+            site,
+            cause: Cause::Panicked(panic_message(payload)),
+        }
+    }
+
+    /// What the cleanup was: the guard's type name, or `defer` for a closure.
+    pub fn label(&self) -> &'static str {
+        self.label
+    }
+
+    /// Where the cleanup was registered.
+    pub fn site(&self) -> &'static Location<'static> {
+        self.site
+    }
+
+    /// The error the cleanup returned, or `None` if it panicked.
+    pub fn error(&self) -> Option<&(dyn Error + Send + Sync + 'static)> {
+        match &self.cause {
+            Cause::Failed(e) => Some(&**e),
+            Cause::Panicked(_) => None,
+        }
+    }
+
+    /// The panic message, if the cleanup panicked.
+    pub fn panic_message(&self) -> Option<&str> {
+        match &self.cause {
+            Cause::Failed(_) => None,
+            Cause::Panicked(m) => Some(m),
+        }
+    }
+
+    /// The error the cleanup returned, or the panic message as an error.
+    pub fn into_error(self) -> BoxError {
+        match self.cause {
+            Cause::Failed(e) => e,
+            Cause::Panicked(m) => format!("cleanup panicked: {m}").into(),
+        }
+    }
+}
+
+impl fmt::Display for CleanupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.cause {
+            Cause::Failed(e) => write!(
+                f,
+                "{} (registered at {}) failed: {e}",
+                self.label, self.site
+            ),
+            Cause::Panicked(m) => {
+                write!(
+                    f,
+                    "{} (registered at {}) panicked: {m}",
+                    self.label, self.site
+                )
+            }
+        }
+    }
+}
+
+impl Error for CleanupError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match &self.cause {
+            Cause::Failed(e) => Some(&**e),
+            Cause::Panicked(_) => None,
+        }
+    }
+}
+
+/// Every cleanup that failed, in the order they ran. Never empty when returned as an
+/// error.
+///
+/// ```
+/// let mut stack = custodian::CleanupStack::new();
+/// stack.defer_fallible(|| Err::<(), _>(std::io::Error::other("first")));
+/// stack.defer_fallible(|| Err::<(), _>(std::io::Error::other("second")));
+/// let errors = stack.close().unwrap_err();
+/// let messages: Vec<String> = errors.iter().map(|e| e.error().unwrap().to_string()).collect();
+/// assert_eq!(messages, ["second", "first"]); // LIFO, none lost
+/// ```
+#[derive(Debug, Default)]
+pub struct CleanupErrors(Vec<CleanupError>);
+
+impl CleanupErrors {
+    pub(crate) fn push(&mut self, e: CleanupError) {
+        self.0.push(e);
+    }
+
+    /// How many cleanups failed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// `true` when no cleanup failed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The failures, in the order the cleanups ran.
+    pub fn iter(&self) -> std::slice::Iter<'_, CleanupError> {
+        self.0.iter()
+    }
+
+    /// The failures as a `Vec`.
+    pub fn into_vec(self) -> Vec<CleanupError> {
+        self.0
+    }
+
+    pub(crate) fn into_result(self) -> Result<(), CleanupErrors> {
+        if self.0.is_empty() { Ok(()) } else { Err(self) }
+    }
+}
+
+impl fmt::Display for CleanupErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [] => write!(f, "no cleanup failed"),
+            [one] => write!(f, "{one}"),
+            many => {
+                write!(f, "{} cleanups failed:", many.len())?;
+                for (i, e) in many.iter().enumerate() {
+                    write!(f, "\n  {}. {e}", i + 1)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Error for CleanupErrors {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.0.first().map(|e| e as &(dyn Error + 'static))
+    }
+}
+
+impl IntoIterator for CleanupErrors {
+    type Item = CleanupError;
+    type IntoIter = std::vec::IntoIter<CleanupError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a CleanupErrors {
+    type Item = &'a CleanupError;
+    type IntoIter = std::slice::Iter<'a, CleanupError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+/// Runs one cleanup, turning a panic into an error so that the next cleanup still runs
+/// and a panic during unwinding never aborts the process.
+pub(crate) fn run_caught(
+    label: &'static str,
+    site: &'static Location<'static>,
+    cleanup: impl FnOnce() -> Result<(), BoxError>,
+) -> Result<(), CleanupError> {
+    match panic::catch_unwind(AssertUnwindSafe(cleanup)) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(CleanupError::failed(label, site, e)),
+        Err(payload) => Err(CleanupError::panicked(label, site, payload)),
+    }
+}
+
+/// The message of a panic payload. The payload is dropped here, and a payload whose own
+/// `Drop` panics is leaked rather than allowed to abort the process.
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    let message = if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "<non-string panic payload>".to_owned()
+    };
+    if let Err(second) = panic::catch_unwind(AssertUnwindSafe(|| drop(payload))) {
+        std::mem::forget(second);
+    }
+    message
+}

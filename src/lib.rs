@@ -1,0 +1,75 @@
+//! RAII resource guards that release files, sockets, locks, processes and async
+//! connections on every path, and report what `Drop` alone would lose.
+//!
+//! Use custodian when:
+//! - a cleanup can fail and you need to know ([`Close`], [`CleanupStack::close`]);
+//! - the cleanup depends on the outcome: commit on success, roll back on `Err`
+//!   ([`scope`], [`Rollback`]);
+//! - several cleanups run in one place and none of their errors may be lost
+//!   ([`CleanupStack`], [`ScopeError`]);
+//! - you want to know which resources are alive and where they were acquired, and to
+//!   fail a test that leaks one ([`ledger`]).
+//!
+//! The zero-cost guards ([`guard`], [`defer!`], [`guard_on_success`],
+//! [`guard_on_unwind`], [`ScopeGuard`]) are scopeguard's, re-exported.
+//!
+//! ```
+//! use std::cell::RefCell;
+//!
+//! let log = RefCell::new(Vec::new());
+//! let result = custodian::scope(|s| {
+//!     s.defer(|| log.borrow_mut().push("release"));
+//!     s.on_success(|| log.borrow_mut().push("commit"));
+//!     s.on_err(|_: &std::io::Error| log.borrow_mut().push("roll back"));
+//!     Ok(42)
+//! });
+//! assert_eq!(result.unwrap(), 42);
+//! assert_eq!(*log.borrow(), ["commit", "release"]);
+//! ```
+//!
+//! # Reporting
+//! Every guard carries a [`ledger::Ticket`]. A cleanup that fails in `Drop` cannot
+//! return its error, so it becomes a tracing `error` event under target `custodian`
+//! (fields `kind`, `site`, `resource`, `error`) and a `failed` count in the ledger.
+//! Acquisition and release are `trace` events; a cleanup done by `Drop` instead of an
+//! explicit `close` is a `debug` event.
+//!
+//! # Crate features
+//! - `tokio` — async guards and the reaper that runs async cleanup of dropped guards.
+//!
+//! # Rust version
+//! 1.89 or newer (std's `File::lock`).
+//!
+//! # When destructors do not run
+//! Rust does not promise that `Drop` runs: `std::process::abort`, `process::exit`, a
+//! `mem::forget`, an `Rc` cycle, a guard parked in a global or a long-lived map, or a
+//! crash all skip it. custodian cannot run cleanup that never gets the chance; what it
+//! does is make it visible: the ledger still counts the resource as live and, with site
+//! tracking on, [`ledger::live`] names its kind and acquisition site, and
+//! [`ledger::assert_no_leaks`] fails a test that leaks one. Resources the kernel frees at
+//! process exit (file descriptors, `flock` locks) are released anyway; resources it does
+//! not (temporary files, socket paths, child processes) need the guards' crash-safe
+//! designs, documented on each guard.
+
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod close;
+mod error;
+pub mod ledger;
+mod rollback;
+mod scope;
+mod stack;
+
+pub use close::Close;
+pub use error::{BoxError, CleanupError, CleanupErrors};
+pub use rollback::Rollback;
+pub use scope::{Scope, ScopeError, scope};
+pub use stack::CleanupStack;
+
+pub use scopeguard::{ScopeGuard, defer, guard, guard_on_success, guard_on_unwind};
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,375 @@
+//! `scope`: Python's `with` / `try…finally`, aware of how the body ended.
+
+use std::error::Error;
+use std::fmt;
+use std::panic::Location;
+
+use crate::Close;
+use crate::error::{BoxError, CleanupError, CleanupErrors, run_caught};
+use crate::ledger::Kind;
+
+/// Failures of cleanups that ran during a panic are counted under this kind.
+static KIND: Kind = Kind::new("custodian::scope");
+
+/// How the body of a scope ended.
+enum Outcome<'e, E> {
+    Success,
+    Err(&'e E),
+    Unwind,
+}
+
+/// A registered cleanup. Boxed trait objects rather than an enum of closures so that an
+/// entered guard keeps its concrete type (see `Scope::enter`).
+trait Cleanup<'a, E> {
+    fn run(self: Box<Self>, outcome: &Outcome<'_, E>) -> Result<(), BoxError>;
+}
+
+struct Always<F>(F);
+impl<'a, E, F: FnOnce() -> Result<(), BoxError> + 'a> Cleanup<'a, E> for Always<F> {
+    fn run(self: Box<Self>, _: &Outcome<'_, E>) -> Result<(), BoxError> {
+        (self.0)()
+    }
+}
+
+struct OnSuccess<F>(F);
+impl<'a, E, F: FnOnce() + 'a> Cleanup<'a, E> for OnSuccess<F> {
+    fn run(self: Box<Self>, outcome: &Outcome<'_, E>) -> Result<(), BoxError> {
+        if let Outcome::Success = outcome {
+            (self.0)();
+        }
+        Ok(())
+    }
+}
+
+struct OnErr<F>(F);
+impl<'a, E, F: FnOnce(&E) + 'a> Cleanup<'a, E> for OnErr<F> {
+    fn run(self: Box<Self>, outcome: &Outcome<'_, E>) -> Result<(), BoxError> {
+        if let Outcome::Err(e) = outcome {
+            (self.0)(e);
+        }
+        Ok(())
+    }
+}
+
+struct OnUnwind<F>(F);
+impl<'a, E, F: FnOnce() + 'a> Cleanup<'a, E> for OnUnwind<F> {
+    fn run(self: Box<Self>, outcome: &Outcome<'_, E>) -> Result<(), BoxError> {
+        if let Outcome::Unwind = outcome {
+            (self.0)();
+        }
+        Ok(())
+    }
+}
+
+struct Entered<G>(G);
+impl<'a, E, G: Close + 'a> Cleanup<'a, E> for Entered<G>
+where
+    G::Error: Into<BoxError>,
+{
+    fn run(self: Box<Self>, _: &Outcome<'_, E>) -> Result<(), BoxError> {
+        self.0.close().map_err(Into::into)
+    }
+}
+
+struct Entry<'a, E> {
+    cleanup: Box<dyn Cleanup<'a, E> + 'a>,
+    label: &'static str,
+    site: &'static Location<'static>,
+}
+
+/// The cleanups of one [`scope`] call. Given to the body as `&mut Scope`.
+///
+/// `'a` is how long the cleanups may borrow from: closures can capture references to
+/// local variables that outlive the `scope` call.
+#[must_use]
+pub struct Scope<'a, E> {
+    entries: Vec<Entry<'a, E>>,
+}
+
+/// Runs `body` like Python's `with` block: every cleanup it registers on the [`Scope`]
+/// runs when it ends, last registered first, exactly once, whether it returned `Ok`,
+/// returned `Err` (an early return or `?`) or panicked.
+///
+/// - [`defer`](Scope::defer) / [`defer_fallible`](Scope::defer_fallible) always run;
+/// - [`on_success`](Scope::on_success) runs only when the body returned `Ok`;
+/// - [`on_err`](Scope::on_err) runs only when it returned `Err`, and sees the error;
+/// - [`on_unwind`](Scope::on_unwind) runs only during a panic, which then goes on;
+/// - [`enter`](Scope::enter) keeps a guard alive until the end and then closes it.
+///
+/// # Errors
+/// A [`ScopeError`] when the body returned `Err` or any cleanup failed. It holds the
+/// body's error and **every** cleanup failure, in the order they ran (Java's suppressed
+/// exceptions), unlike Python's `ExitStack`, which keeps only the last when several
+/// callbacks fail.
+///
+/// # Panics
+/// A panic in the body goes on after the cleanups ran. A panic in a cleanup is caught
+/// and returned as a cleanup failure (or, during a panic, reported as a tracing `error`
+/// event): it never stops the other cleanups and never aborts the process.
+///
+/// ```
+/// use std::cell::RefCell;
+///
+/// let log = RefCell::new(Vec::new());
+/// let result: Result<(), _> = custodian::scope(|s| {
+///     s.defer(|| log.borrow_mut().push("close connection"));
+///     s.on_success(|| log.borrow_mut().push("commit"));
+///     s.on_err(|e: &std::io::Error| log.borrow_mut().push("roll back"));
+///     Err(std::io::Error::other("disk full"))?;
+///     Ok(())
+/// });
+/// assert_eq!(result.unwrap_err().into_body().unwrap().to_string(), "disk full");
+/// assert_eq!(*log.borrow(), ["roll back", "close connection"]);
+/// ```
+pub fn scope<'a, T, E, F>(body: F) -> Result<T, ScopeError<E>>
+where
+    F: FnOnce(&mut Scope<'a, E>) -> Result<T, E>,
+{
+    let mut scope = Scope {
+        entries: Vec::new(),
+    };
+    // If `body` panics, `scope` is dropped during the unwind and runs the cleanups with
+    // the `Unwind` outcome (see `Drop for Scope`).
+    let result = body(&mut scope);
+    let cleanup = match &result {
+        Ok(_) => scope.run_all(&Outcome::Success),
+        Err(e) => scope.run_all(&Outcome::Err(e)),
+    };
+    match result {
+        Ok(value) if cleanup.is_empty() => Ok(value),
+        Ok(_) => Err(ScopeError {
+            body: None,
+            cleanup,
+        }),
+        Err(body) => Err(ScopeError {
+            body: Some(body),
+            cleanup,
+        }),
+    }
+}
+
+impl<'a, E> Scope<'a, E> {
+    /// Runs `f` when the scope ends, however it ends.
+    #[track_caller]
+    pub fn defer(&mut self, f: impl FnOnce() + 'a) {
+        self.push(
+            "defer",
+            Box::new(Always(move || {
+                f();
+                Ok(())
+            })),
+        );
+    }
+
+    /// Runs `f` when the scope ends, however it ends; its error is collected in the
+    /// [`ScopeError`].
+    ///
+    /// ```
+    /// let result = custodian::scope(|s| {
+    ///     s.defer_fallible(|| std::fs::remove_file("/no/such/file"));
+    ///     Ok::<_, std::io::Error>(42)
+    /// });
+    /// let err = result.unwrap_err();
+    /// assert!(err.body().is_none());
+    /// assert_eq!(err.cleanup_errors().len(), 1);
+    /// ```
+    #[track_caller]
+    pub fn defer_fallible<Er>(&mut self, f: impl FnOnce() -> Result<(), Er> + 'a)
+    where
+        Er: Into<BoxError>,
+    {
+        self.push(
+            "defer_fallible",
+            Box::new(Always(move || f().map_err(Into::into))),
+        );
+    }
+
+    /// Runs `f` when the body returned `Ok`.
+    #[track_caller]
+    pub fn on_success(&mut self, f: impl FnOnce() + 'a) {
+        self.push("on_success", Box::new(OnSuccess(f)));
+    }
+
+    /// Runs `f` with the body's error when the body returned `Err`.
+    #[track_caller]
+    pub fn on_err(&mut self, f: impl FnOnce(&E) + 'a) {
+        self.push("on_err", Box::new(OnErr(f)));
+    }
+
+    /// Runs `f` when the body panicked, before the panic goes on.
+    ///
+    /// ```
+    /// use std::cell::Cell;
+    ///
+    /// let unwound = Cell::new(false);
+    /// let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    ///     custodian::scope::<(), (), _>(|s| {
+    ///         s.on_unwind(|| unwound.set(true));
+    ///         panic!("boom");
+    ///     })
+    /// }));
+    /// assert!(caught.is_err() && unwound.get());
+    /// ```
+    #[track_caller]
+    pub fn on_unwind(&mut self, f: impl FnOnce() + 'a) {
+        self.push("on_unwind", Box::new(OnUnwind(f)));
+    }
+
+    /// Keeps `guard` until the scope ends, then closes it ([`Close::close`]) and
+    /// collects its error. Returns a reference to use it meanwhile.
+    ///
+    /// ```
+    /// use std::io::Write;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("out.txt");
+    /// custodian::scope(|s| {
+    ///     let file = s.enter(std::fs::File::create(&path)?);
+    ///     file.write_all(b"hello")?;
+    ///     Ok::<_, std::io::Error>(())
+    /// })
+    /// .expect("written and synced");
+    /// assert_eq!(std::fs::read(&path)?, b"hello");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn enter<G>(&mut self, guard: G) -> &mut G
+    where
+        G: Close + 'a,
+        G::Error: Into<BoxError>,
+    {
+        self.push(std::any::type_name::<G>(), Box::new(Entered(guard)));
+        let last: &mut (dyn Cleanup<'a, E> + 'a) = &mut *self
+            .entries
+            .last_mut()
+            .expect("an entry was just pushed")
+            .cleanup;
+        // SAFETY: the entry just pushed is a `Box<Entered<G>>`; the trait object's data
+        // pointer points at that `Entered<G>`, so casting it back to its concrete type
+        // is valid. The reference is derived from `last_mut` and borrows `self`
+        // mutably, so nothing else can touch the entry while it is alive.
+        let entered =
+            unsafe { &mut *(last as *mut (dyn Cleanup<'a, E> + 'a)).cast::<Entered<G>>() };
+        &mut entered.0
+    }
+
+    #[track_caller]
+    fn push(&mut self, label: &'static str, cleanup: Box<dyn Cleanup<'a, E> + 'a>) {
+        self.entries.push(Entry {
+            cleanup,
+            label,
+            site: Location::caller(),
+        });
+    }
+
+    fn run_all(&mut self, outcome: &Outcome<'_, E>) -> CleanupErrors {
+        let mut errors = CleanupErrors::default();
+        while let Some(Entry {
+            cleanup,
+            label,
+            site,
+        }) = self.entries.pop()
+        {
+            if let Err(e) = run_caught(label, site, || cleanup.run(outcome)) {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+}
+
+impl<E> Drop for Scope<'_, E> {
+    /// Runs only when the body panicked: `scope` empties the list on every other path.
+    fn drop(&mut self) {
+        for e in self.run_all(&Outcome::Unwind) {
+            report_during_unwind(&e);
+        }
+    }
+}
+
+fn report_during_unwind(e: &CleanupError) {
+    KIND.count_failure();
+    tracing::error!(
+        target: "custodian",
+        kind = KIND.name(),
+        site = %e.site(),
+        resource = e.label(),
+        error = %e,
+        "cleanup failed during a panic"
+    );
+}
+
+impl<E> fmt::Debug for Scope<'_, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scope")
+            .field("pending", &self.entries.len())
+            .finish()
+    }
+}
+
+/// Why a [`scope`] failed: the body's error, if it returned one, and every cleanup that
+/// failed, in the order they ran.
+///
+/// ```
+/// let err = custodian::scope(|s| {
+///     s.defer_fallible(|| Err::<(), _>("first cleanup"));
+///     s.defer_fallible(|| Err::<(), _>("second cleanup"));
+///     Err::<(), _>(std::io::Error::other("body"))
+/// })
+/// .unwrap_err();
+/// assert_eq!(err.cleanup_errors().len(), 2);
+/// let (body, cleanups) = err.into_parts();
+/// assert_eq!(body.unwrap().to_string(), "body");
+/// assert_eq!(cleanups.iter().next().unwrap().error().unwrap().to_string(), "second cleanup");
+/// ```
+#[derive(Debug)]
+pub struct ScopeError<E> {
+    body: Option<E>,
+    cleanup: CleanupErrors,
+}
+
+impl<E> ScopeError<E> {
+    /// The body's error, if it returned one.
+    pub fn body(&self) -> Option<&E> {
+        self.body.as_ref()
+    }
+
+    /// The body's error by value, if it returned one.
+    pub fn into_body(self) -> Option<E> {
+        self.body
+    }
+
+    /// The cleanups that failed, in the order they ran (may be empty when only the body
+    /// failed).
+    pub fn cleanup_errors(&self) -> &CleanupErrors {
+        &self.cleanup
+    }
+
+    /// The body's error and the cleanup failures.
+    pub fn into_parts(self) -> (Option<E>, CleanupErrors) {
+        (self.body, self.cleanup)
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for ScopeError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.body {
+            Some(body) if self.cleanup.is_empty() => write!(f, "{body}"),
+            Some(body) => write!(f, "{body}; and then {}", self.cleanup),
+            None => write!(f, "{}", self.cleanup),
+        }
+    }
+}
+
+impl<E: Error + 'static> Error for ScopeError<E> {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match &self.body {
+            Some(body) => Some(body),
+            None => self
+                .cleanup
+                .iter()
+                .next()
+                .map(|e| e as &(dyn Error + 'static)),
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! `CleanupStack`: Python's `contextlib.ExitStack`, for resources known at run time.
+
+use std::fmt;
+use std::mem;
+use std::panic::Location;
+
+use crate::Close;
+use crate::error::{BoxError, CleanupErrors, run_caught};
+use crate::ledger::{Kind, Ticket};
+
+static KIND: Kind = Kind::new("custodian::CleanupStack");
+
+type Cleanup = Box<dyn FnOnce() -> Result<(), BoxError> + Send>;
+
+struct Entry {
+    cleanup: Cleanup,
+    label: &'static str,
+    site: &'static Location<'static>,
+}
+
+/// A stack of cleanups run in reverse order (LIFO) when it is closed or dropped:
+/// Python's `contextlib.ExitStack`, for a number of resources known only at run time.
+///
+/// Every entry runs, even when earlier ones fail or panic. A panicking cleanup is caught
+/// and becomes an error, so a cleanup that panics while the thread is already unwinding
+/// never aborts the process. [`close`](CleanupStack::close) returns every failure;
+/// `Drop` reports each one as a tracing `error` event and a ledger failure.
+///
+/// Entries must be `Send` so that the stack itself is `Send` and can be stored in
+/// structs, moved into threads and tasks. For cleanups that borrow local variables, use
+/// [`scope`](crate::scope).
+///
+/// ```
+/// use custodian::CleanupStack;
+/// use std::io::Write;
+///
+/// let dir = tempfile::tempdir()?;
+/// let mut stack = CleanupStack::new();
+/// let mut files = Vec::new();
+/// for name in ["a", "b", "c"] {
+///     let path = dir.path().join(name);
+///     files.push(std::fs::File::create(&path)?);
+///     stack.defer_fallible(move || std::fs::remove_file(&path));
+/// }
+/// for f in &mut files {
+///     f.write_all(b"scratch")?;
+/// }
+/// stack.close().expect("every file removed"); // c, b, a
+/// assert_eq!(std::fs::read_dir(dir.path())?.count(), 0);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[must_use = "a CleanupStack runs its cleanups when dropped; bind it to a variable"]
+pub struct CleanupStack {
+    entries: Vec<Entry>,
+    ticket: Ticket,
+}
+
+impl CleanupStack {
+    /// An empty stack.
+    #[track_caller]
+    pub fn new() -> CleanupStack {
+        CleanupStack {
+            entries: Vec::new(),
+            ticket: Ticket::new(&KIND),
+        }
+    }
+
+    /// Pushes a cleanup that cannot fail.
+    ///
+    /// ```
+    /// let mut stack = custodian::CleanupStack::new();
+    /// stack.defer(|| println!("runs when the stack is closed or dropped"));
+    /// ```
+    #[track_caller]
+    pub fn defer(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.push_entry(
+            "defer",
+            Box::new(move || {
+                f();
+                Ok(())
+            }),
+        );
+    }
+
+    /// Pushes a cleanup that can fail; its error is kept.
+    ///
+    /// ```
+    /// let mut stack = custodian::CleanupStack::new();
+    /// stack.defer_fallible(|| std::fs::remove_file("/no/such/file"));
+    /// assert_eq!(stack.close().unwrap_err().len(), 1);
+    /// ```
+    #[track_caller]
+    pub fn defer_fallible<E>(&mut self, f: impl FnOnce() -> Result<(), E> + Send + 'static)
+    where
+        E: Into<BoxError>,
+    {
+        self.push_entry("defer", Box::new(move || f().map_err(Into::into)));
+    }
+
+    /// Pushes a guard, closed (with [`Close::close`]) when the stack is.
+    ///
+    /// ```
+    /// use std::io::Write;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let mut stack = custodian::CleanupStack::new();
+    /// let mut file = std::fs::File::create(dir.path().join("log"))?;
+    /// file.write_all(b"entry\n")?;
+    /// stack.push(file); // closed = fsync'ed when the stack closes
+    /// stack.close().expect("synced");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn push<G>(&mut self, guard: G)
+    where
+        G: Close + Send + 'static,
+        G::Error: Into<BoxError>,
+    {
+        self.push_entry(
+            std::any::type_name::<G>(),
+            Box::new(move || guard.close().map_err(Into::into)),
+        );
+    }
+
+    #[track_caller]
+    fn push_entry(&mut self, label: &'static str, cleanup: Cleanup) {
+        self.entries.push(Entry {
+            cleanup,
+            label,
+            site: Location::caller(),
+        });
+    }
+
+    /// Moves every entry into a new stack, leaving this one empty: Python's `pop_all`.
+    ///
+    /// Use it to hand resources over once a constructor has succeeded: the old stack
+    /// (dropped on an early return) cleans up, the new one (kept) does not run now.
+    ///
+    /// ```
+    /// use custodian::CleanupStack;
+    ///
+    /// fn open_both() -> std::io::Result<CleanupStack> {
+    ///     let mut stack = CleanupStack::new();
+    ///     stack.defer(|| println!("release the first"));
+    ///     std::fs::metadata("/")?; // an early return here would release the first
+    ///     stack.defer(|| println!("release the second"));
+    ///     Ok(stack.take()) // success: the caller owns both now
+    /// }
+    ///
+    /// let owned = open_both()?;
+    /// assert_eq!(owned.len(), 2);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn take(&mut self) -> CleanupStack {
+        CleanupStack {
+            entries: mem::take(&mut self.entries),
+            ticket: Ticket::new(&KIND),
+        }
+    }
+
+    /// How many cleanups are waiting.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// `true` when no cleanup is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Runs every cleanup now, last pushed first.
+    ///
+    /// # Errors
+    /// [`CleanupErrors`] with every failure (error or panic), in the order they ran.
+    pub fn close(mut self) -> Result<(), CleanupErrors> {
+        self.run_all().into_result()
+    }
+
+    fn run_all(&mut self) -> CleanupErrors {
+        let mut errors = CleanupErrors::default();
+        while let Some(Entry {
+            cleanup,
+            label,
+            site,
+        }) = self.entries.pop()
+        {
+            if let Err(e) = run_caught(label, site, cleanup) {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+}
+
+impl Default for CleanupStack {
+    #[track_caller]
+    fn default() -> Self {
+        CleanupStack::new()
+    }
+}
+
+impl Drop for CleanupStack {
+    fn drop(&mut self) {
+        if self.entries.is_empty() {
+            return;
+        }
+        self.ticket.dropped_without_close(&"");
+        for e in self.run_all() {
+            self.ticket
+                .failure(&format_args!("{} at {}", e.label(), e.site()), &e);
+        }
+    }
+}
+
+impl Close for CleanupStack {
+    type Error = CleanupErrors;
+
+    fn close(self) -> Result<(), CleanupErrors> {
+        CleanupStack::close(self)
+    }
+}
+
+impl fmt::Debug for CleanupStack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CleanupStack")
+            .field("len", &self.entries.len())
+            .field("site", &format_args!("{}", self.ticket.site()))
+            .finish()
+    }
+}
