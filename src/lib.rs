@@ -59,6 +59,9 @@ mod close;
 mod error;
 pub mod ledger;
 mod rollback;
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub mod rt;
 mod scope;
 mod stack;
 

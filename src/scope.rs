@@ -1,8 +1,11 @@
 //! `scope`: Python's `with` / `try…finally`, aware of how the body ended.
 
+use std::cell::RefCell;
 use std::error::Error;
 use std::fmt;
+use std::marker::PhantomData;
 use std::panic::Location;
+use std::ptr::NonNull;
 
 use crate::Close;
 use crate::error::{BoxError, CleanupError, CleanupErrors, run_caught};
@@ -72,18 +75,25 @@ where
 }
 
 struct Entry<'a, E> {
-    cleanup: Box<dyn Cleanup<'a, E> + 'a>,
+    /// A leaked `Box`, turned back into one exactly once, in `run_all`. Kept as a raw
+    /// pointer rather than a `Box` so that the `&mut G` handed out by `enter` stays valid
+    /// while the list grows (a `Box` would assert unique access each time it moves).
+    cleanup: NonNull<dyn Cleanup<'a, E> + 'a>,
     label: &'static str,
     site: &'static Location<'static>,
 }
 
-/// The cleanups of one [`scope`] call. Given to the body as `&mut Scope`.
+/// The cleanups of one [`scope`] call, given to the body as `&Scope`.
+///
+/// Its methods take `&self`, so the body can keep using a guard returned by
+/// [`enter`](Scope::enter) while it registers more cleanups.
 ///
 /// `'a` is how long the cleanups may borrow from: closures can capture references to
 /// local variables that outlive the `scope` call.
-#[must_use]
 pub struct Scope<'a, E> {
-    entries: Vec<Entry<'a, E>>,
+    entries: RefCell<Vec<Entry<'a, E>>>,
+    /// The scope owns the boxed cleanups behind the raw pointers (for drop check).
+    _owns: PhantomData<Box<dyn Cleanup<'a, E> + 'a>>,
 }
 
 /// Runs `body` like Python's `with` block: every cleanup it registers on the [`Scope`]
@@ -123,14 +133,17 @@ pub struct Scope<'a, E> {
 /// ```
 pub fn scope<'a, T, E, F>(body: F) -> Result<T, ScopeError<E>>
 where
-    F: FnOnce(&mut Scope<'a, E>) -> Result<T, E>,
+    F: FnOnce(&Scope<'a, E>) -> Result<T, E>,
 {
     let mut scope = Scope {
-        entries: Vec::new(),
+        entries: RefCell::new(Vec::new()),
+        _owns: PhantomData,
     };
     // If `body` panics, `scope` is dropped during the unwind and runs the cleanups with
-    // the `Unwind` outcome (see `Drop for Scope`).
-    let result = body(&mut scope);
+    // the `Unwind` outcome (see `Drop for Scope`). The borrow given to `body` is
+    // higher-ranked, so nothing borrowed from the scope (such as a guard returned by
+    // `enter`) can outlive the call: the cleanups below run with no borrow left.
+    let result = body(&scope);
     let cleanup = match &result {
         Ok(_) => scope.run_all(&Outcome::Success),
         Err(e) => scope.run_all(&Outcome::Err(e)),
@@ -151,7 +164,7 @@ where
 impl<'a, E> Scope<'a, E> {
     /// Runs `f` when the scope ends, however it ends.
     #[track_caller]
-    pub fn defer(&mut self, f: impl FnOnce() + 'a) {
+    pub fn defer(&self, f: impl FnOnce() + 'a) {
         self.push(
             "defer",
             Box::new(Always(move || {
@@ -174,7 +187,7 @@ impl<'a, E> Scope<'a, E> {
     /// assert_eq!(err.cleanup_errors().len(), 1);
     /// ```
     #[track_caller]
-    pub fn defer_fallible<Er>(&mut self, f: impl FnOnce() -> Result<(), Er> + 'a)
+    pub fn defer_fallible<Er>(&self, f: impl FnOnce() -> Result<(), Er> + 'a)
     where
         Er: Into<BoxError>,
     {
@@ -186,13 +199,13 @@ impl<'a, E> Scope<'a, E> {
 
     /// Runs `f` when the body returned `Ok`.
     #[track_caller]
-    pub fn on_success(&mut self, f: impl FnOnce() + 'a) {
+    pub fn on_success(&self, f: impl FnOnce() + 'a) {
         self.push("on_success", Box::new(OnSuccess(f)));
     }
 
     /// Runs `f` with the body's error when the body returned `Err`.
     #[track_caller]
-    pub fn on_err(&mut self, f: impl FnOnce(&E) + 'a) {
+    pub fn on_err(&self, f: impl FnOnce(&E) + 'a) {
         self.push("on_err", Box::new(OnErr(f)));
     }
 
@@ -211,7 +224,7 @@ impl<'a, E> Scope<'a, E> {
     /// assert!(caught.is_err() && unwound.get());
     /// ```
     #[track_caller]
-    pub fn on_unwind(&mut self, f: impl FnOnce() + 'a) {
+    pub fn on_unwind(&self, f: impl FnOnce() + 'a) {
         self.push("on_unwind", Box::new(OnUnwind(f)));
     }
 
@@ -233,43 +246,51 @@ impl<'a, E> Scope<'a, E> {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     #[track_caller]
-    pub fn enter<G>(&mut self, guard: G) -> &mut G
+    #[allow(clippy::mut_from_ref)] // an arena: each call hands out a new, distinct entry
+    pub fn enter<G>(&self, guard: G) -> &mut G
     where
         G: Close + 'a,
         G::Error: Into<BoxError>,
     {
-        self.push(std::any::type_name::<G>(), Box::new(Entered(guard)));
-        let last: &mut (dyn Cleanup<'a, E> + 'a) = &mut *self
-            .entries
-            .last_mut()
-            .expect("an entry was just pushed")
-            .cleanup;
-        // SAFETY: the entry just pushed is a `Box<Entered<G>>`; the trait object's data
-        // pointer points at that `Entered<G>`, so casting it back to its concrete type
-        // is valid. The reference is derived from `last_mut` and borrows `self`
-        // mutably, so nothing else can touch the entry while it is alive.
-        let entered =
-            unsafe { &mut *(last as *mut (dyn Cleanup<'a, E> + 'a)).cast::<Entered<G>>() };
+        let entry = self.push(std::any::type_name::<G>(), Box::new(Entered(guard)));
+        // SAFETY: `entry` comes from `Box::leak` of a `Box<Entered<G>>`, so it points at
+        // a live `Entered<G>`: casting the trait object pointer back to its concrete type
+        // is valid. The allocation is freed only by `run_all`, which needs `&mut self`,
+        // so it outlives the returned borrow of `self`. Each call leaks a new box, so no
+        // two references returned by `enter` alias.
+        let entered = unsafe { &mut *entry.cast::<Entered<G>>().as_ptr() };
         &mut entered.0
     }
 
     #[track_caller]
-    fn push(&mut self, label: &'static str, cleanup: Box<dyn Cleanup<'a, E> + 'a>) {
-        self.entries.push(Entry {
+    fn push(
+        &self,
+        label: &'static str,
+        cleanup: Box<dyn Cleanup<'a, E> + 'a>,
+    ) -> NonNull<dyn Cleanup<'a, E> + 'a> {
+        let cleanup = NonNull::from(Box::leak(cleanup));
+        self.entries.borrow_mut().push(Entry {
             cleanup,
             label,
             site: Location::caller(),
         });
+        cleanup
     }
 
     fn run_all(&mut self, outcome: &Outcome<'_, E>) -> CleanupErrors {
         let mut errors = CleanupErrors::default();
+        // One entry at a time, so that if this loop were ever interrupted, `Drop` would
+        // still run (and free) the rest.
         while let Some(Entry {
             cleanup,
             label,
             site,
-        }) = self.entries.pop()
+        }) = self.entries.get_mut().pop()
         {
+            // SAFETY: `cleanup` was leaked from a `Box` in `push` and has just left the
+            // list, so it is turned back into a `Box` exactly once. `&mut self` proves
+            // that no reference handed out by `enter` is still alive.
+            let cleanup = unsafe { Box::from_raw(cleanup.as_ptr()) };
             if let Err(e) = run_caught(label, site, || cleanup.run(outcome)) {
                 errors.push(e);
             }
@@ -302,7 +323,7 @@ fn report_during_unwind(e: &CleanupError) {
 impl<E> fmt::Debug for Scope<'_, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Scope")
-            .field("pending", &self.entries.len())
+            .field("pending", &self.entries.borrow().len())
             .finish()
     }
 }

@@ -1,0 +1,32 @@
+//! The custodian tour: every guard family on real files, sockets and processes, with the
+//! tracing events printed as they happen and the ledger report at the end.
+//!
+//! Run it with `cargo run --example tour` (add `--all-features` for the async chapter).
+
+mod foundation;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "custodian=debug".into()),
+        )
+        .with_target(false)
+        .without_time()
+        .init();
+    custodian::ledger::track_sites(true);
+    // Some chapters panic on purpose inside cleanups; one line each is enough.
+    std::panic::set_hook(Box::new(|info| println!("(panic: {info})")));
+
+    let dir = tempfile::tempdir()?;
+    chapter("1. Scopes, rollbacks and cleanup stacks");
+    foundation::run(dir.path())?;
+
+    chapter("The ledger");
+    println!("{}", custodian::ledger::report());
+    Ok(())
+}
+
+fn chapter(title: &str) {
+    println!("\n=== {title} ===");
+}
