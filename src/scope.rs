@@ -7,6 +7,8 @@ use std::marker::PhantomData;
 use std::panic::Location;
 use std::ptr::NonNull;
 
+use smallvec::SmallVec;
+
 use crate::Close;
 use crate::error::{BoxError, CleanupError, CleanupErrors, run_caught};
 use crate::ledger::Kind;
@@ -91,7 +93,7 @@ struct Entry<'a, E> {
 /// `'a` is how long the cleanups may borrow from: closures can capture references to
 /// local variables that outlive the `scope` call.
 pub struct Scope<'a, E> {
-    entries: RefCell<Vec<Entry<'a, E>>>,
+    entries: RefCell<SmallVec<[Entry<'a, E>; 4]>>,
     /// The scope owns the boxed cleanups behind the raw pointers (for drop check).
     _owns: PhantomData<Box<dyn Cleanup<'a, E> + 'a>>,
 }
@@ -136,7 +138,7 @@ where
     F: FnOnce(&Scope<'a, E>) -> Result<T, E>,
 {
     let mut scope = Scope {
-        entries: RefCell::new(Vec::new()),
+        entries: RefCell::new(SmallVec::new()),
         _owns: PhantomData,
     };
     // If `body` panics, `scope` is dropped during the unwind and runs the cleanups with
