@@ -152,8 +152,23 @@ impl CleanupErrors {
         self.0
     }
 
+    #[inline]
     pub(crate) fn into_result(self) -> Result<(), CleanupErrors> {
-        if self.0.is_empty() { Ok(()) } else { Err(self) }
+        if self.0.is_empty() {
+            self.forget_empty();
+            Ok(())
+        } else {
+            Err(self)
+        }
+    }
+
+    /// Drops an empty list without calling `Vec`'s out-of-line `Drop` (a measurable
+    /// share of a one-cleanup scope). Failures are only ever pushed, so an empty list has
+    /// never allocated and forgetting it frees nothing.
+    #[inline]
+    pub(crate) fn forget_empty(self) {
+        debug_assert!(self.0.is_empty() && self.0.capacity() == 0);
+        std::mem::forget(self);
     }
 }
 

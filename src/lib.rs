@@ -63,6 +63,7 @@ mod rollback;
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub mod rt;
 mod scope;
+mod slot;
 mod stack;
 
 pub use close::Close;

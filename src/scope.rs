@@ -12,6 +12,7 @@ use smallvec::SmallVec;
 use crate::Close;
 use crate::error::{BoxError, CleanupError, CleanupErrors, run_caught};
 use crate::ledger::Kind;
+use crate::slot::Slot;
 
 /// Failures of cleanups that ran during a panic are counted under this kind.
 static KIND: Kind = Kind::new("custodian::scope");
@@ -23,22 +24,34 @@ enum Outcome<'e, E> {
     Unwind,
 }
 
-/// A registered cleanup. Boxed trait objects rather than an enum of closures so that an
-/// entered guard keeps its concrete type (see `Scope::enter`).
+/// A registered cleanup, stored type-erased in a [`Slot`] (inline when it captures up to
+/// three words: no allocation) and run through [`run_slot`].
 trait Cleanup<'a, E> {
-    fn run(self: Box<Self>, outcome: &Outcome<'_, E>) -> Result<(), BoxError>;
+    fn run(self, outcome: &Outcome<'_, E>) -> Result<(), BoxError>;
+}
+
+/// Runs the cleanup of type `C` stored in `slot`.
+///
+/// # Safety
+/// `slot` must hold a `C` (made by `Slot::new::<C>`): `Scope::push` pairs them.
+unsafe fn run_slot<'a, E, C: Cleanup<'a, E>>(
+    slot: Slot,
+    outcome: &Outcome<'_, E>,
+) -> Result<(), BoxError> {
+    // SAFETY: the caller's promise.
+    unsafe { slot.take::<C>() }.run(outcome)
 }
 
 struct Always<F>(F);
 impl<'a, E, F: FnOnce() -> Result<(), BoxError> + 'a> Cleanup<'a, E> for Always<F> {
-    fn run(self: Box<Self>, _: &Outcome<'_, E>) -> Result<(), BoxError> {
+    fn run(self, _: &Outcome<'_, E>) -> Result<(), BoxError> {
         (self.0)()
     }
 }
 
 struct OnSuccess<F>(F);
 impl<'a, E, F: FnOnce() + 'a> Cleanup<'a, E> for OnSuccess<F> {
-    fn run(self: Box<Self>, outcome: &Outcome<'_, E>) -> Result<(), BoxError> {
+    fn run(self, outcome: &Outcome<'_, E>) -> Result<(), BoxError> {
         if let Outcome::Success = outcome {
             (self.0)();
         }
@@ -48,7 +61,7 @@ impl<'a, E, F: FnOnce() + 'a> Cleanup<'a, E> for OnSuccess<F> {
 
 struct OnErr<F>(F);
 impl<'a, E, F: FnOnce(&E) + 'a> Cleanup<'a, E> for OnErr<F> {
-    fn run(self: Box<Self>, outcome: &Outcome<'_, E>) -> Result<(), BoxError> {
+    fn run(self, outcome: &Outcome<'_, E>) -> Result<(), BoxError> {
         if let Outcome::Err(e) = outcome {
             (self.0)(e);
         }
@@ -58,7 +71,7 @@ impl<'a, E, F: FnOnce(&E) + 'a> Cleanup<'a, E> for OnErr<F> {
 
 struct OnUnwind<F>(F);
 impl<'a, E, F: FnOnce() + 'a> Cleanup<'a, E> for OnUnwind<F> {
-    fn run(self: Box<Self>, outcome: &Outcome<'_, E>) -> Result<(), BoxError> {
+    fn run(self, outcome: &Outcome<'_, E>) -> Result<(), BoxError> {
         if let Outcome::Unwind = outcome {
             (self.0)();
         }
@@ -66,21 +79,28 @@ impl<'a, E, F: FnOnce() + 'a> Cleanup<'a, E> for OnUnwind<F> {
     }
 }
 
-struct Entered<G>(G);
+/// An entered guard: a leaked `Box`, turned back into one exactly once, when it runs.
+/// Kept as a raw pointer rather than a `Box` so that the `&mut G` handed out by `enter`
+/// stays valid while the list grows and moves (a `Box` would assert unique access each
+/// time it moves); the guard itself never moves.
+struct Entered<G>(NonNull<G>);
 impl<'a, E, G: Close + 'a> Cleanup<'a, E> for Entered<G>
 where
     G::Error: Into<BoxError>,
 {
-    fn run(self: Box<Self>, _: &Outcome<'_, E>) -> Result<(), BoxError> {
-        self.0.close().map_err(Into::into)
+    fn run(self, _: &Outcome<'_, E>) -> Result<(), BoxError> {
+        // SAFETY: `Scope::enter` made the pointer with `Box::into_raw` and only ever
+        // wraps it in this one `Entered`, consumed here: the box is rebuilt once.
+        // `run_all` takes `&mut Scope`, so no reference handed out by `enter` is alive.
+        let guard = unsafe { Box::from_raw(self.0.as_ptr()) };
+        guard.close().map_err(Into::into)
     }
 }
 
-struct Entry<'a, E> {
-    /// A leaked `Box`, turned back into one exactly once, in `run_all`. Kept as a raw
-    /// pointer rather than a `Box` so that the `&mut G` handed out by `enter` stays valid
-    /// while the list grows (a `Box` would assert unique access each time it moves).
-    cleanup: NonNull<dyn Cleanup<'a, E> + 'a>,
+struct Entry<E> {
+    /// The cleanup, of the type `run` was made for.
+    cleanup: Slot,
+    run: for<'o> unsafe fn(Slot, &Outcome<'o, E>) -> Result<(), BoxError>,
     label: &'static str,
     site: &'static Location<'static>,
 }
@@ -93,8 +113,10 @@ struct Entry<'a, E> {
 /// `'a` is how long the cleanups may borrow from: closures can capture references to
 /// local variables that outlive the `scope` call.
 pub struct Scope<'a, E> {
-    entries: RefCell<SmallVec<[Entry<'a, E>; 4]>>,
-    /// The scope owns the boxed cleanups behind the raw pointers (for drop check).
+    entries: RefCell<SmallVec<[Entry<E>; 4]>>,
+    /// The scope owns cleanups that may borrow for `'a` (for drop check), is invariant
+    /// in `'a` (a cleanup registered through `&Scope<'a, _>` must not borrow anything
+    /// shorter) and is neither `Send` nor `Sync` (the cleanups need not be).
     _owns: PhantomData<Box<dyn Cleanup<'a, E> + 'a>>,
 }
 
@@ -151,7 +173,10 @@ where
         Err(e) => scope.run_all(&Outcome::Err(e)),
     };
     match result {
-        Ok(value) if cleanup.is_empty() => Ok(value),
+        Ok(value) if cleanup.is_empty() => {
+            cleanup.forget_empty();
+            Ok(value)
+        }
         Ok(_) => Err(ScopeError {
             body: None,
             cleanup,
@@ -169,10 +194,10 @@ impl<'a, E> Scope<'a, E> {
     pub fn defer(&self, f: impl FnOnce() + 'a) {
         self.push(
             "defer",
-            Box::new(Always(move || {
+            Always(move || {
                 f();
                 Ok(())
-            })),
+            }),
         );
     }
 
@@ -195,20 +220,20 @@ impl<'a, E> Scope<'a, E> {
     {
         self.push(
             "defer_fallible",
-            Box::new(Always(move || f().map_err(Into::into))),
+            Always(move || f().map_err(Into::into)),
         );
     }
 
     /// Runs `f` when the body returned `Ok`.
     #[track_caller]
     pub fn on_success(&self, f: impl FnOnce() + 'a) {
-        self.push("on_success", Box::new(OnSuccess(f)));
+        self.push("on_success", OnSuccess(f));
     }
 
     /// Runs `f` with the body's error when the body returned `Err`.
     #[track_caller]
     pub fn on_err(&self, f: impl FnOnce(&E) + 'a) {
-        self.push("on_err", Box::new(OnErr(f)));
+        self.push("on_err", OnErr(f));
     }
 
     /// Runs `f` when the body panicked, before the panic goes on.
@@ -227,7 +252,7 @@ impl<'a, E> Scope<'a, E> {
     /// ```
     #[track_caller]
     pub fn on_unwind(&self, f: impl FnOnce() + 'a) {
-        self.push("on_unwind", Box::new(OnUnwind(f)));
+        self.push("on_unwind", OnUnwind(f));
     }
 
     /// Keeps `guard` until the scope ends, then closes it ([`Close::close`]) and
@@ -254,46 +279,40 @@ impl<'a, E> Scope<'a, E> {
         G: Close + 'a,
         G::Error: Into<BoxError>,
     {
-        let entry = self.push(std::any::type_name::<G>(), Box::new(Entered(guard)));
-        // SAFETY: `entry` comes from `Box::leak` of a `Box<Entered<G>>`, so it points at
-        // a live `Entered<G>`: casting the trait object pointer back to its concrete type
-        // is valid. The allocation is freed only by `run_all`, which needs `&mut self`,
-        // so it outlives the returned borrow of `self`. Each call leaks a new box, so no
-        // two references returned by `enter` alias.
-        let entered = unsafe { &mut *entry.cast::<Entered<G>>().as_ptr() };
-        &mut entered.0
+        let guard = NonNull::from(Box::leak(Box::new(guard)));
+        self.push(std::any::type_name::<G>(), Entered(guard));
+        // SAFETY: `guard` comes from `Box::leak`, so it points at a live `G` that never
+        // moves. The box is freed only when the `Entered` cleanup runs, in `run_all`,
+        // which needs `&mut self`, so it outlives the returned borrow of `self`. Each
+        // call leaks a new box, so no two references returned by `enter` alias.
+        unsafe { &mut *guard.as_ptr() }
     }
 
     #[track_caller]
-    fn push(
-        &self,
-        label: &'static str,
-        cleanup: Box<dyn Cleanup<'a, E> + 'a>,
-    ) -> NonNull<dyn Cleanup<'a, E> + 'a> {
-        let cleanup = NonNull::from(Box::leak(cleanup));
+    #[inline]
+    fn push<C: Cleanup<'a, E> + 'a>(&self, label: &'static str, cleanup: C) {
         self.entries.borrow_mut().push(Entry {
-            cleanup,
+            cleanup: Slot::new(cleanup),
+            run: run_slot::<E, C>,
             label,
             site: Location::caller(),
         });
-        cleanup
     }
 
     fn run_all(&mut self, outcome: &Outcome<'_, E>) -> CleanupErrors {
         let mut errors = CleanupErrors::default();
         // One entry at a time, so that if this loop were ever interrupted, `Drop` would
-        // still run (and free) the rest.
+        // still run the rest.
         while let Some(Entry {
             cleanup,
+            run,
             label,
             site,
         }) = self.entries.get_mut().pop()
         {
-            // SAFETY: `cleanup` was leaked from a `Box` in `push` and has just left the
-            // list, so it is turned back into a `Box` exactly once. `&mut self` proves
-            // that no reference handed out by `enter` is still alive.
-            let cleanup = unsafe { Box::from_raw(cleanup.as_ptr()) };
-            if let Err(e) = run_caught(label, site, || cleanup.run(outcome)) {
+            // SAFETY: `push` made `run` for the type stored in `cleanup`, and the entry
+            // has just left the list, so its slot is consumed exactly once.
+            if let Err(e) = run_caught(label, site, || unsafe { run(cleanup, outcome) }) {
                 errors.push(e);
             }
         }
@@ -304,6 +323,9 @@ impl<'a, E> Scope<'a, E> {
 impl<E> Drop for Scope<'_, E> {
     /// Runs only when the body panicked: `scope` empties the list on every other path.
     fn drop(&mut self) {
+        if self.entries.get_mut().is_empty() {
+            return;
+        }
         for e in self.run_all(&Outcome::Unwind) {
             report_during_unwind(&e);
         }

@@ -1,6 +1,7 @@
 //! `CleanupStack`: Python's `contextlib.ExitStack`, for resources known at run time.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::mem;
 use std::panic::Location;
 use std::panic::{self, AssertUnwindSafe};
@@ -10,17 +11,29 @@ use smallvec::SmallVec;
 use crate::Close;
 use crate::error::{BoxError, CleanupError, CleanupErrors};
 use crate::ledger::{Kind, Ticket};
+use crate::slot::Slot;
 
 static KIND: Kind = Kind::new("custodian::CleanupStack");
 
 const INLINE: usize = 4;
 
-type Cleanup = Box<dyn FnOnce() -> Result<(), BoxError> + Send>;
-
 struct Entry {
-    cleanup: Cleanup,
+    /// The cleanup closure, stored inline when it captures up to three words (no
+    /// allocation), of the type `run` was made for.
+    cleanup: Slot,
+    run: unsafe fn(Slot) -> Result<(), BoxError>,
     label: &'static str,
     site: &'static Location<'static>,
+}
+
+/// Runs the closure of type `F` stored in `slot`.
+///
+/// # Safety
+/// `slot` must hold an `F` (made by `Slot::new::<F>`): `push_entry` pairs them.
+unsafe fn run_slot<F: FnOnce() -> Result<(), BoxError>>(slot: Slot) -> Result<(), BoxError> {
+    // SAFETY: the caller's promise.
+    let cleanup = unsafe { slot.take::<F>() };
+    cleanup()
 }
 
 /// A stack of cleanups run in reverse order (LIFO) when it is closed or dropped:
@@ -60,6 +73,9 @@ pub struct CleanupStack {
     /// closures that capture something.
     entries: SmallVec<[Entry; INLINE]>,
     ticket: Ticket,
+    /// What the entries are: `Send` closures, not `Sync` ones (a `Slot` is plain bytes,
+    /// so without this the stack would be `Sync` too).
+    _entries: PhantomData<Box<dyn FnOnce() + Send>>,
 }
 
 impl CleanupStack {
@@ -69,6 +85,7 @@ impl CleanupStack {
         CleanupStack {
             entries: SmallVec::new(),
             ticket: Ticket::new(&KIND),
+            _entries: PhantomData,
         }
     }
 
@@ -80,13 +97,10 @@ impl CleanupStack {
     /// ```
     #[track_caller]
     pub fn defer(&mut self, f: impl FnOnce() + Send + 'static) {
-        self.push_entry(
-            "defer",
-            Box::new(move || {
-                f();
-                Ok(())
-            }),
-        );
+        self.push_entry("defer", move || {
+            f();
+            Ok(())
+        });
     }
 
     /// Pushes a cleanup that can fail; its error is kept.
@@ -101,7 +115,7 @@ impl CleanupStack {
     where
         E: Into<BoxError>,
     {
-        self.push_entry("defer", Box::new(move || f().map_err(Into::into)));
+        self.push_entry("defer", move || f().map_err(Into::into));
     }
 
     /// Pushes a guard, closed (with [`Close::close`]) when the stack is.
@@ -123,16 +137,21 @@ impl CleanupStack {
         G: Close + Send + 'static,
         G::Error: Into<BoxError>,
     {
-        self.push_entry(
-            std::any::type_name::<G>(),
-            Box::new(move || guard.close().map_err(Into::into)),
-        );
+        self.push_entry(std::any::type_name::<G>(), move || {
+            guard.close().map_err(Into::into)
+        });
     }
 
+    /// `F: Send` is what makes the stack `Send`: every entry is checked here.
     #[track_caller]
-    fn push_entry(&mut self, label: &'static str, cleanup: Cleanup) {
+    #[inline]
+    fn push_entry<F>(&mut self, label: &'static str, cleanup: F)
+    where
+        F: FnOnce() -> Result<(), BoxError> + Send + 'static,
+    {
         self.entries.push(Entry {
-            cleanup,
+            cleanup: Slot::new(cleanup),
+            run: run_slot::<F>,
             label,
             site: Location::caller(),
         });
@@ -163,6 +182,7 @@ impl CleanupStack {
         CleanupStack {
             entries: mem::take(&mut self.entries),
             ticket: Ticket::new(&KIND),
+            _entries: PhantomData,
         }
     }
 
@@ -194,12 +214,15 @@ impl CleanupStack {
             let finished = panic::catch_unwind(AssertUnwindSafe(|| {
                 while let Some(Entry {
                     cleanup,
+                    run,
                     label,
                     site,
                 }) = self.entries.pop()
                 {
                     running = Some((label, site));
-                    if let Err(e) = cleanup() {
+                    // SAFETY: `push_entry` made `run` for the type stored in `cleanup`,
+                    // and the entry has just left the list: its slot is consumed once.
+                    if let Err(e) = unsafe { run(cleanup) } {
                         errors.push(CleanupError::failed(label, site, e));
                     }
                 }
@@ -210,7 +233,8 @@ impl CleanupStack {
                     errors.push(CleanupError::panicked(label, site, payload));
                 }
                 // Only the loop itself could panic before an entry ran: nothing is left
-                // to run that this loop could still reach.
+                // to run that this loop could still reach (entries left, if any, are
+                // leaked, never run twice or dropped half-way).
                 (Err(payload), None) => {
                     errors.push(CleanupError::panicked(
                         "CleanupStack",
