@@ -136,6 +136,12 @@ fn ticket(_: &State) {
     drop(Ticket::new(black_box(&BENCH)));
 }
 
+fn smoke(state: &State) {
+    for (_, run) in SCENARIOS {
+        run(state);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     ledger::track_sites(false); // the release-build default
@@ -144,11 +150,10 @@ fn main() {
         counter: Arc::new(AtomicU64::new(0)),
     };
     match args.first().map(String::as_str) {
-        None | Some("--bench") => {
-            for (_, run) in SCENARIOS {
-                run(&state);
-            }
-        }
+        // `cargo bench` passes `--bench` (and any criterion options given to a run of
+        // every bench): a smoke run.
+        None => smoke(&state),
+        Some(flag) if flag.starts_with('-') => smoke(&state),
         Some("list") => {
             for (name, _) in SCENARIOS {
                 println!("{name}");

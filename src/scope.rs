@@ -322,10 +322,18 @@ impl<'a, E> Scope<'a, E> {
 
 impl<E> Drop for Scope<'_, E> {
     /// Runs only when the body panicked: `scope` empties the list on every other path.
+    #[inline]
     fn drop(&mut self) {
         if self.entries.get_mut().is_empty() {
             return;
         }
+        self.unwind();
+    }
+}
+
+impl<E> Scope<'_, E> {
+    #[cold]
+    fn unwind(&mut self) {
         for e in self.run_all(&Outcome::Unwind) {
             report_during_unwind(&e);
         }
