@@ -312,13 +312,12 @@ impl<E> Drop for Scope<'_, E> {
 
 fn report_during_unwind(e: &CleanupError) {
     KIND.count_failure();
-    tracing::error!(
-        target: "custodian",
-        kind = KIND.name(),
-        site = %e.site(),
-        resource = e.label(),
-        error = %e,
-        "cleanup failed during a panic"
+    crate::ledger::events::failure(
+        "cleanup failed during a panic",
+        KIND.name(),
+        e.site(),
+        &e.label(),
+        e,
     );
 }
 
