@@ -294,8 +294,10 @@ fn scope_error_converts_into_io_error_without_losing_anything() {
         .unwrap_err()
         .into();
     assert_eq!(only_body.to_string(), "body only");
+    let inner = only_body.get_ref().unwrap();
     assert!(
-        only_body.get_ref().is_none() || only_body.get_ref().unwrap().to_string() == "body only"
+        inner.downcast_ref::<ScopeError<io::Error>>().is_none(),
+        "not wrapped"
     );
 
     // Body and cleanup failed: the body's kind, and both messages in the error.
