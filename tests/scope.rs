@@ -286,3 +286,34 @@ fn a_cleanup_panicking_during_an_unwind_never_aborts() {
         );
     }
 }
+
+#[test]
+fn scope_error_converts_into_io_error_without_losing_anything() {
+    // Only the body failed: the body's error comes back as it was.
+    let only_body: io::Error = scope(|_| Err::<(), _>(io::Error::other("body only")))
+        .unwrap_err()
+        .into();
+    assert_eq!(only_body.to_string(), "body only");
+    let inner = only_body.get_ref().unwrap();
+    assert!(
+        inner.downcast_ref::<ScopeError<io::Error>>().is_none(),
+        "not wrapped"
+    );
+
+    // Body and cleanup failed: the body's kind, and both messages in the error.
+    let both: io::Error = scope(|s| {
+        s.defer_fallible(|| Err::<(), _>("cleanup also failed"));
+        Err::<(), _>(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "body denied",
+        ))
+    })
+    .unwrap_err()
+    .into();
+    assert_eq!(both.kind(), io::ErrorKind::PermissionDenied);
+    let shown = both.to_string();
+    assert!(
+        shown.contains("body denied") && shown.contains("cleanup also failed"),
+        "{shown}"
+    );
+}
