@@ -223,10 +223,7 @@ impl<'a, E> Scope<'a, E> {
     where
         Er: Into<BoxError>,
     {
-        self.push(
-            "defer_fallible",
-            Always(move || f().map_err(Into::into)),
-        );
+        self.push("defer_fallible", Always(move || f().map_err(Into::into)));
     }
 
     /// Runs `f` when the body returned `Ok`.
