@@ -158,4 +158,61 @@ mod tests {
         take(store(()));
         assert_eq!(hits.get(), 1);
     }
+
+    /// The containers built on `Slot`, through their public API: small (inline) and
+    /// large (boxed) cleanups, a list that spills to the heap, an entered guard used
+    /// while the list grows, a failing and a panicking cleanup. Under Miri this checks
+    /// the `unsafe` in `scope.rs` and `stack.rs` too, and that nothing leaks.
+    #[test]
+    fn scopes_and_stacks_run_inline_and_boxed_cleanups_exactly_once() {
+        use crate::{CleanupStack, Rollback, ScopeError};
+        use std::cell::RefCell;
+        use std::sync::Arc;
+
+        let shared = Rc::new(());
+        let log_cell = RefCell::new(Vec::new());
+        let log = &log_cell;
+        let big = [1u64; 8]; // captured with `log`: 72 bytes, boxed
+        let result: Result<(), ScopeError<&str>> = crate::scope(|s| {
+            let c = Rc::clone(&shared);
+            s.defer(move || {
+                let _c = c;
+            });
+            s.defer(move || log.borrow_mut().push(big.iter().sum::<u64>()));
+            let undo = s.enter(Rollback::new(vec![1u64, 2], move |v| {
+                log.borrow_mut().push(v.len() as u64)
+            }));
+            for i in 0..6 {
+                s.on_err(move |_| log.borrow_mut().push(100 + i)); // spills past 4 entries
+                undo.push(i); // the entered guard stays usable while the list moves
+            }
+            s.on_success(move || log.borrow_mut().push(999));
+            s.defer_fallible(|| Err::<(), _>("cleanup failed"));
+            s.defer(|| panic!("cleanup panicked"));
+            Err("body")
+        });
+        let (body, cleanups) = result.unwrap_err().into_parts();
+        assert_eq!(body, Some("body"));
+        assert_eq!(cleanups.len(), 2);
+        assert_eq!(*log.borrow(), [105, 104, 103, 102, 101, 100, 8, 8]);
+        assert_eq!(Rc::strong_count(&shared), 1);
+
+        let counter = Arc::new(());
+        let mut stack = CleanupStack::new();
+        for i in 0..6u64 {
+            let c = Arc::clone(&counter);
+            stack.defer(move || drop(c));
+            let wide = [i; 5]; // 40 bytes: boxed
+            stack.defer_fallible(move || match wide[0] {
+                3 => Err("three"),
+                _ => Ok(()),
+            });
+        }
+        stack.defer(|| panic!("entry panicked"));
+        let mut moved = stack.take();
+        assert_eq!(stack.close().map_err(|e| e.len()), Ok(()));
+        moved.push(crate::CleanupStack::new());
+        assert_eq!(moved.close().unwrap_err().len(), 2);
+        assert_eq!(Arc::strong_count(&counter), 1);
+    }
 }
