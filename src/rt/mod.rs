@@ -63,6 +63,8 @@ mod close;
 mod guard;
 mod reaper;
 mod scope;
+// tokio leaves out its signal module under `--cfg loom` (see tally.rs for loom tests).
+#[cfg(not(loom))]
 mod signal;
 mod stack;
 mod tally;
@@ -71,5 +73,6 @@ pub use close::AsyncClose;
 pub use guard::{AsyncGuard, AsyncGuardBuilder};
 pub use reaper::{DrainReport, Reaper};
 pub use scope::{AsyncScope, Entered, scope};
+#[cfg(not(loom))]
 pub use signal::{ShutdownSignals, Signal, shutdown_on_signal};
 pub use stack::AsyncCleanupStack;

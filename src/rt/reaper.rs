@@ -357,7 +357,9 @@ impl fmt::Display for Lost {
             Lost::RuntimeGoneRunning => {
                 "async cleanup interrupted: the tokio runtime shut down while it ran"
             }
-            Lost::Aborted => "async cleanup aborted: still running at the reaper's shutdown deadline",
+            Lost::Aborted => {
+                "async cleanup aborted: still running at the reaper's shutdown deadline"
+            }
         })
     }
 }
@@ -589,7 +591,11 @@ impl fmt::Display for DrainReport {
             write!(f, "\n  - {e}")?;
         }
         if self.failures_dropped() > 0 {
-            write!(f, "\n  ({} older failures not kept)", self.failures_dropped())?;
+            write!(
+                f,
+                "\n  ({} older failures not kept)",
+                self.failures_dropped()
+            )?;
         }
         Ok(())
     }

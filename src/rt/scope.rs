@@ -52,16 +52,14 @@ impl<E> Registered<E> {
         let fut = match (self.what, outcome) {
             (What::Always(fut), _) => fut,
             (What::OnSuccess(fut), Outcome::Ok) => fut,
-            (What::OnErr(f), Outcome::Err(e)) => {
-                match catch_unwind(AssertUnwindSafe(|| f(e))) {
-                    Ok(fut) => fut,
-                    Err(payload) => {
-                        let e = CleanupError::panicked(self.label, self.site, payload);
-                        let message = e.to_string();
-                        Box::pin(async move { Err(message.into()) })
-                    }
+            (What::OnErr(f), Outcome::Err(e)) => match catch_unwind(AssertUnwindSafe(|| f(e))) {
+                Ok(fut) => fut,
+                Err(payload) => {
+                    let e = CleanupError::panicked(self.label, self.site, payload);
+                    let message = e.to_string();
+                    Box::pin(async move { Err(message.into()) })
                 }
-            }
+            },
             (What::Entered(mut rx), _) => rx.try_recv().ok()?,
             _ => return None,
         };
@@ -337,7 +335,7 @@ impl<E> AsyncScope<E> {
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// let err = custodian::rt::scope(|s| async move {
-    ///     s.defer_fallible(tokio::fs::remove_file("/no/such/file"));
+    ///     s.defer_fallible(async { std::fs::remove_file("/no/such/file") });
     ///     Ok::<_, std::io::Error>(())
     /// })
     /// .await

@@ -38,12 +38,12 @@ impl Entry {
         match catch_unwind(AssertUnwindSafe(|| self.fut.as_mut().poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
-            Ok(Poll::Ready(Err(e))) => Poll::Ready(Err(CleanupError::failed(
-                self.label, self.site, e,
-            ))),
-            Err(payload) => Poll::Ready(Err(CleanupError::panicked(
-                self.label, self.site, payload,
-            ))),
+            Ok(Poll::Ready(Err(e))) => {
+                Poll::Ready(Err(CleanupError::failed(self.label, self.site, e)))
+            }
+            Err(payload) => {
+                Poll::Ready(Err(CleanupError::panicked(self.label, self.site, payload)))
+            }
         }
     }
 }
@@ -165,9 +165,11 @@ impl AsyncCleanupStack {
     /// Pushes a cleanup that cannot fail.
     ///
     /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// let mut stack = custodian::rt::AsyncCleanupStack::new();
     /// stack.defer(async { println!("runs when the stack is closed") });
-    /// # drop(custodian::rt::AsyncCleanupStack::take(&mut stack));
+    /// stack.close().await.unwrap();
+    /// # });
     /// ```
     #[track_caller]
     pub fn defer(&mut self, cleanup: impl Future<Output = ()> + Send + 'static) {
@@ -185,7 +187,7 @@ impl AsyncCleanupStack {
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// let mut stack = custodian::rt::AsyncCleanupStack::new();
-    /// stack.defer_fallible(tokio::fs::remove_file("/no/such/file"));
+    /// stack.defer_fallible(async { std::fs::remove_file("/no/such/file") });
     /// assert_eq!(stack.close().await.unwrap_err().len(), 1);
     /// # });
     /// ```
@@ -228,17 +230,29 @@ impl AsyncCleanupStack {
 
     #[track_caller]
     fn push_entry(&mut self, label: &'static str, fut: BoxFuture<Result<(), BoxError>>) {
-        self.entries.push(Entry::new(fut, label, Location::caller()));
+        self.entries
+            .push(Entry::new(fut, label, Location::caller()));
     }
 
     /// Moves every entry into a new stack, leaving this one empty: Python's `pop_all`.
     ///
     /// ```
-    /// let mut stack = custodian::rt::AsyncCleanupStack::new();
-    /// stack.defer(async {});
-    /// let owned = stack.take();
-    /// assert_eq!((stack.len(), owned.len()), (0, 1));
-    /// # drop(custodian::rt::AsyncCleanupStack::take(&mut { owned }));
+    /// use custodian::rt::AsyncCleanupStack;
+    ///
+    /// async fn open_both() -> std::io::Result<AsyncCleanupStack> {
+    ///     let mut stack = AsyncCleanupStack::new();
+    ///     stack.defer(async { println!("release the first") });
+    ///     std::fs::metadata("/")?; // an early return here would release the first
+    ///     stack.defer(async { println!("release the second") });
+    ///     Ok(stack.take()) // success: the caller owns both now
+    /// }
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let owned = open_both().await?;
+    /// assert_eq!(owned.len(), 2);
+    /// owned.close().await.unwrap();
+    /// # Ok::<(), std::io::Error>(())
+    /// # }).unwrap();
     /// ```
     #[track_caller]
     pub fn take(&mut self) -> AsyncCleanupStack {

@@ -156,7 +156,12 @@ mod tests {
         tally.fail(errors);
         let counts = tally.seal().unwrap();
         assert_eq!(
-            (counts.accepted, counts.completed, counts.failed, counts.lost),
+            (
+                counts.accepted,
+                counts.completed,
+                counts.failed,
+                counts.lost
+            ),
             (4, 1, 1, 1)
         );
         assert_eq!(counts.aborted(), 1);
