@@ -120,9 +120,19 @@ where
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Into<BoxError>,
 {
-    async fn run(self, label: &'static str, site: &'static Location<'static>) -> CleanupErrors {
+    type Fut = Fut;
+
+    fn start(self) -> Fut {
+        (self.cleanup)(self.value)
+    }
+
+    fn errors(
+        output: Result<(), E>,
+        label: &'static str,
+        site: &'static Location<'static>,
+    ) -> CleanupErrors {
         let mut errors = CleanupErrors::default();
-        if let Err(e) = (self.cleanup)(self.value).await {
+        if let Err(e) = output {
             errors.push(CleanupError::failed(label, site, e.into()));
         }
         errors
@@ -322,7 +332,6 @@ impl Drop for InFlight {
         if let (Some(fut), Some(owner)) = (self.fut.take(), self.owner.take()) {
             owner.ticket.dropped_without_close(&owner.resource);
             self.reaper
-                .get()
                 .inner()
                 .spawn_job(self.handle.take(), owner, FutureJob(fut));
         }
@@ -344,7 +353,7 @@ impl<T: Send + 'static> Parts<T> {
             .dropped_without_close(&self.owner.resource);
         let ctx = DeferCtx {
             fallback: self.fallback,
-            reaper: self.reaper.get().inner(),
+            reaper: self.reaper.inner(),
             handle: self.handle,
             owner: self.owner,
         };

@@ -1,18 +1,19 @@
 //! The `Reaper`: owns the async cleanups of dropped guards, runs them on the runtime and
 //! drains them at shutdown.
 
-use std::any::Any;
 use std::borrow::Cow;
 use std::fmt;
-use std::future::{Future, poll_fn};
+use std::future::Future;
+use std::ops::Deref;
 use std::panic::{AssertUnwindSafe, Location, catch_unwind};
-use std::pin::pin;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 use super::tally::{Counts, Tally};
@@ -183,7 +184,7 @@ impl Reaper {
         E: Into<BoxError>,
     {
         let owner = Owner::new(Ticket::new(&DEFER), Cow::Borrowed("deferred future"));
-        self.inner().spawn_job(
+        InnerRef::Shared(Arc::clone(&self.inner)).spawn_job(
             Handle::try_current().ok(),
             owner,
             FutureJob(async move { cleanup.await.map_err(Into::into) }),
@@ -243,10 +244,6 @@ impl Reaper {
             timed_out: !drained,
         }
     }
-
-    pub(crate) fn inner(&self) -> InnerRef {
-        InnerRef(Arc::clone(&self.inner))
-    }
 }
 
 impl Default for Reaper {
@@ -275,16 +272,32 @@ pub(crate) enum ReaperRef {
 }
 
 impl ReaperRef {
-    pub(crate) fn get(&self) -> &Reaper {
+    /// The reaper's state, for one deferred cleanup.
+    pub(crate) fn inner(&self) -> InnerRef {
         match self {
-            ReaperRef::Global => Reaper::global(),
-            ReaperRef::Owned(r) => r,
+            ReaperRef::Global => InnerRef::Static(&Reaper::global().inner),
+            ReaperRef::Owned(r) => InnerRef::Shared(Arc::clone(&r.inner)),
         }
     }
 }
 
-/// The reaper's shared state, as held by a running cleanup.
-pub(crate) struct InnerRef(Arc<Inner>);
+/// The reaper's shared state, as held by a running cleanup: the global reaper's is
+/// borrowed for ever, so that its cleanups bump no shared reference count.
+pub(crate) enum InnerRef {
+    Static(&'static Inner),
+    Shared(Arc<Inner>),
+}
+
+impl Deref for InnerRef {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        match self {
+            InnerRef::Static(inner) => inner,
+            InnerRef::Shared(inner) => inner,
+        }
+    }
+}
 
 /// Who a deferred cleanup belongs to: its ledger ticket (kind and acquisition site) and
 /// a description of the resource for events.
@@ -304,17 +317,32 @@ impl Owner {
     pub(crate) fn report_lost(&self, why: &dyn fmt::Display) {
         self.ticket.failure(&self.resource, why);
     }
+
+    /// Reports each failure of a finished cleanup and counts it in the tally.
+    #[cold]
+    fn report_failed(&self, tally: &Tally, errors: CleanupErrors) {
+        for e in &errors {
+            self.ticket.failure(&self.resource, e);
+        }
+        tally.fail(errors);
+    }
 }
 
 /// A deferred cleanup as the reaper runs it.
 pub(crate) trait Job: Send + 'static {
-    /// Runs the cleanup; every failure is returned (empty when it all went well).
-    /// `label` and `site` name the owner, for errors that have no better name.
-    fn run(
-        self,
+    /// The cleanup, running.
+    type Fut: Future + Send + 'static;
+
+    /// Starts the cleanup (called on the runtime, at the task's first poll).
+    fn start(self) -> Self::Fut;
+
+    /// The failures in the finished cleanup's output (empty when it went well). `label`
+    /// and `site` name the owner, for errors that have no better name.
+    fn errors(
+        output: <Self::Fut as Future>::Output,
         label: &'static str,
         site: &'static Location<'static>,
-    ) -> impl Future<Output = CleanupErrors> + Send;
+    ) -> CleanupErrors;
 
     /// The cleanup will never run: run the synchronous fallback, if there is one.
     fn lost(self);
@@ -327,9 +355,19 @@ impl<F> Job for FutureJob<F>
 where
     F: Future<Output = Result<(), BoxError>> + Send + 'static,
 {
-    async fn run(self, label: &'static str, site: &'static Location<'static>) -> CleanupErrors {
+    type Fut = F;
+
+    fn start(self) -> F {
+        self.0
+    }
+
+    fn errors(
+        output: Result<(), BoxError>,
+        label: &'static str,
+        site: &'static Location<'static>,
+    ) -> CleanupErrors {
         let mut errors = CleanupErrors::default();
-        if let Err(e) = self.0.await {
+        if let Err(e) = output {
             errors.push(CleanupError::failed(label, site, e));
         }
         errors
@@ -369,131 +407,154 @@ impl InnerRef {
     /// reaper's. Never blocks and never panics: a job that cannot run is reported as lost
     /// (and its fallback run) at once.
     pub(crate) fn spawn_job<J: Job>(self, handle: Option<Handle>, owner: Owner, job: J) {
-        let inner = &*self.0;
-        let Some(handle) = handle.or_else(|| inner.handle.clone()) else {
-            if inner.tally.accept() {
-                inner.tally.lose();
+        let Some(handle) = handle.or_else(|| self.handle.clone()) else {
+            if self.tally.accept() {
+                self.tally.lose();
             }
-            return lose(owner, job, Lost::NoRuntime);
+            return lose(&owner, job, Lost::NoRuntime);
         };
-        if !inner.tally.accept() {
-            return lose(owner, job, Lost::ShutDown);
+        if !self.tally.accept() {
+            return lose(&owner, job, Lost::ShutDown);
         }
-        let tracker = inner.tracker.clone();
-        let running = Running {
-            reaper: self,
-            owner,
-            job: Some(job),
-            started: false,
-        };
-        // If the runtime is shutting down or gone, tokio drops the task unpolled and
-        // `Running::drop` reports it.
-        tracker.spawn_on(running.run(), &handle);
+        // If the runtime is shutting down or gone, tokio drops the task unpolled, and
+        // the task's `Drop` reports it.
+        match self {
+            InnerRef::Static(inner) => {
+                inner.tracker.spawn_on(Task::new(self, owner, job), &handle);
+            }
+            InnerRef::Shared(ref inner) => {
+                let tracker = inner.tracker.clone();
+                tracker.spawn_on(Task::new(self, owner, job), &handle);
+            }
+        }
     }
 }
 
 #[cold]
-fn lose<J: Job>(owner: Owner, job: J, why: Lost) {
+fn lose<J: Job>(owner: &Owner, job: J, why: Lost) {
     owner.report_lost(&why);
-    run_fallback(&owner, job);
-}
-
-/// Runs a job's fallback, turning a panic into a reported failure.
-fn run_fallback<J: Job>(owner: &Owner, job: J) {
     if let Err(payload) = catch_unwind(AssertUnwindSafe(|| job.lost())) {
         let e = CleanupError::panicked(owner.ticket.kind(), owner.ticket.site(), payload);
         owner.report_lost(&format_args!("the synchronous fallback failed: {e}"));
     }
 }
 
-/// A deferred cleanup inside its task. Dropped before it finished (the runtime shut
-/// down, or the reaper aborted it), it reports why.
-struct Running<J: Job> {
-    reaper: InnerRef,
-    owner: Owner,
-    /// `Some` until the task is first polled.
-    job: Option<J>,
-    /// `true` from the first poll until the job finished.
-    started: bool,
+pin_project! {
+    /// Where a deferred cleanup is. The job and its running future share the space.
+    #[project = StageProj]
+    #[project_replace = StageReplace]
+    enum Stage<J: Job> {
+        Waiting { job: J },
+        Running { #[pin] fut: J::Fut },
+        Finished,
+    }
 }
 
-impl<J: Job> Running<J> {
-    async fn run(mut self) {
-        let Some(job) = self.job.take() else { return };
-        self.started = true;
-        let (label, site) = (self.owner.ticket.kind(), self.owner.ticket.site());
-        let outcome = abortable(job.run(label, site), &self.reaper.0.abort).await;
-        let tally = &self.reaper.0.tally;
-        match outcome {
-            // Aborted at the deadline: `Drop` reports it; the sealed tally counts it.
-            None => return,
-            Some(Ok(errors)) if errors.is_empty() => tally.complete(),
-            Some(Ok(errors)) => {
-                for e in &errors {
-                    self.owner.ticket.failure(&self.owner.resource, e);
+pin_project! {
+    /// A deferred cleanup's task: starts the job at the first poll, runs it to the end
+    /// (a panic is caught and reported), stops it when the reaper aborts, and, dropped
+    /// before it finished (the runtime shut down), reports why.
+    ///
+    /// A hand-written future rather than an `async fn`, so that the task holds the
+    /// cleanup future once, inline: the hand-off costs one allocation, as a bare spawn
+    /// does.
+    struct Task<J: Job> {
+        reaper: InnerRef,
+        owner: Owner,
+        #[pin]
+        stage: Stage<J>,
+        // Created only if the cleanup is pending: most finish in their first poll and
+        // never touch the token's lock.
+        abort: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    }
+
+    impl<J: Job> PinnedDrop for Task<J> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            match this.stage.project_replace(Stage::Finished) {
+                StageReplace::Waiting { job } => {
+                    this.reaper.tally.lose();
+                    lose(this.owner, job, Lost::RuntimeGone);
                 }
-                tally.fail(errors);
+                StageReplace::Running { .. } => {
+                    if this.reaper.abort.is_cancelled() {
+                        this.owner.report_lost(&Lost::Aborted);
+                    } else {
+                        this.reaper.tally.lose();
+                        this.owner.report_lost(&Lost::RuntimeGoneRunning);
+                    }
+                }
+                StageReplace::Finished => {}
             }
-            Some(Err(payload)) => {
-                let e = CleanupError::panicked(label, site, payload);
-                self.owner.ticket.failure(&self.owner.resource, &e);
+        }
+    }
+}
+
+impl<J: Job> Task<J> {
+    fn new(reaper: InnerRef, owner: Owner, job: J) -> Task<J> {
+        Task {
+            reaper,
+            owner,
+            stage: Stage::Waiting { job },
+            abort: None,
+        }
+    }
+}
+
+impl<J: Job> Future for Task<J> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let (label, site) = (this.owner.ticket.kind(), this.owner.ticket.site());
+        if let StageProj::Waiting { .. } = this.stage.as_mut().project() {
+            let StageReplace::Waiting { job } =
+                this.stage.as_mut().project_replace(Stage::Finished)
+            else {
+                unreachable!("just matched Waiting")
+            };
+            // The user's closure is called here: it may panic too.
+            match catch_unwind(AssertUnwindSafe(|| job.start())) {
+                Ok(fut) => this.stage.set(Stage::Running { fut }),
+                Err(payload) => {
+                    let mut errors = CleanupErrors::default();
+                    errors.push(CleanupError::panicked(label, site, payload));
+                    this.owner.report_failed(&this.reaper.tally, errors);
+                    return Poll::Ready(());
+                }
+            }
+        }
+        let StageProj::Running { fut } = this.stage.as_mut().project() else {
+            return Poll::Ready(());
+        };
+        let errors = match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(Poll::Ready(output)) => J::errors(output, label, site),
+            Err(payload) => {
                 let mut errors = CleanupErrors::default();
-                errors.push(e);
-                tally.fail(errors);
+                errors.push(CleanupError::panicked(label, site, payload));
+                errors
             }
-        }
-        self.started = false;
-    }
-}
-
-impl<J: Job> Drop for Running<J> {
-    fn drop(&mut self) {
-        let inner = &*self.reaper.0;
-        if let Some(job) = self.job.take() {
-            inner.tally.lose();
-            lose_in_place(&self.owner, job, Lost::RuntimeGone);
-        } else if self.started {
-            if inner.abort.is_cancelled() {
-                self.owner.report_lost(&Lost::Aborted);
-            } else {
-                inner.tally.lose();
-                self.owner.report_lost(&Lost::RuntimeGoneRunning);
+            Ok(Poll::Pending) => {
+                let abort = this
+                    .abort
+                    .get_or_insert_with(|| Box::pin(this.reaper.abort.clone().cancelled_owned()));
+                if abort.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                // Aborted at the deadline: dropped unfinished. The sealed tally counts it.
+                this.stage.set(Stage::Finished);
+                this.owner.report_lost(&Lost::Aborted);
+                return Poll::Ready(());
             }
+        };
+        this.stage.set(Stage::Finished);
+        if errors.is_empty() {
+            this.reaper.tally.complete();
+        } else {
+            this.owner.report_failed(&this.reaper.tally, errors);
         }
+        Poll::Ready(())
     }
-}
-
-#[cold]
-fn lose_in_place<J: Job>(owner: &Owner, job: J, why: Lost) {
-    owner.report_lost(&why);
-    run_fallback(owner, job);
-}
-
-/// Polls `fut` until it finishes (`Some`, with a panic caught as `Err`) or `abort` is
-/// cancelled (`None`). Biased towards completion: the future is polled first, and the
-/// token is looked at only while the future is pending (so the common case, a cleanup
-/// that finishes in one poll, touches no shared lock).
-async fn abortable<F: Future>(
-    fut: F,
-    abort: &CancellationToken,
-) -> Option<Result<F::Output, Box<dyn Any + Send>>> {
-    let mut fut = pin!(fut);
-    let mut cancelled = pin!(None);
-    poll_fn(|cx| {
-        match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
-            Ok(Poll::Ready(out)) => return Poll::Ready(Some(Ok(out))),
-            Err(payload) => return Poll::Ready(Some(Err(payload))),
-            Ok(Poll::Pending) => {}
-        }
-        if cancelled.is_none() {
-            cancelled.set(Some(abort.cancelled()));
-        }
-        match cancelled.as_mut().as_pin_mut().map(|c| c.poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(None),
-            _ => Poll::Pending,
-        }
-    })
-    .await
 }
 
 /// What [`Reaper::shutdown`] found: how many deferred cleanups completed, failed (with

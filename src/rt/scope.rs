@@ -271,7 +271,6 @@ impl<E, Fut> Drop for Running<E, Fut> {
         );
         owner.ticket.dropped_without_close(&owner.resource);
         self.reaper
-            .get()
             .inner()
             .spawn_job(self.handle.take(), owner, StackJob(entries));
     }
@@ -293,7 +292,6 @@ impl<E> AsyncScope<E> {
             What::Always(fut) => {
                 let owner = Owner::new(ticket, Cow::Borrowed(r.label));
                 self.reaper
-                    .get()
                     .inner()
                     .spawn_job(self.handle.clone(), owner, FutureJob(fut));
             }
@@ -519,7 +517,6 @@ where
             let owner = Owner::new(Ticket::at(&KIND, self.site), Cow::Borrowed(self.label));
             owner.ticket.dropped_without_close(&owner.resource);
             self.reaper
-                .get()
                 .inner()
                 .spawn_job(self.handle.take(), owner, FutureJob(fut));
         }

@@ -75,8 +75,19 @@ pub(crate) async fn run_lifo(entries: &mut Vec<Entry>) -> CleanupErrors {
 pub(crate) struct StackJob(pub(crate) Vec<Entry>);
 
 impl Job for StackJob {
-    async fn run(mut self, _: &'static str, _: &'static Location<'static>) -> CleanupErrors {
-        run_lifo(&mut self.0).await
+    type Fut = BoxFuture<CleanupErrors>;
+
+    fn start(self) -> BoxFuture<CleanupErrors> {
+        let mut entries = self.0;
+        Box::pin(async move { run_lifo(&mut entries).await })
+    }
+
+    fn errors(
+        output: CleanupErrors,
+        _: &'static str,
+        _: &'static Location<'static>,
+    ) -> CleanupErrors {
+        output
     }
 
     fn lost(self) {}
@@ -326,7 +337,6 @@ impl Drop for AsyncCleanupStack {
         owner.ticket.dropped_without_close(&owner.resource);
         let job = StackJob(mem::take(&mut self.entries));
         self.reaper
-            .get()
             .inner()
             .spawn_job(self.handle.take(), owner, job);
     }

@@ -1,18 +1,23 @@
 //! The reaper's bookkeeping: how many deferred cleanups it accepted and how each ended.
 //!
 //! This is the only synchronisation of custodian's own in `rt` (task tracking and abort
-//! are tokio-util's `TaskTracker` and `CancellationToken`): one short-held lock. What it
-//! guarantees, model-checked with loom below (`RUSTFLAGS="--cfg loom" cargo test
+//! are tokio-util's `TaskTracker` and `CancellationToken`): two atomic counters and a
+//! short-held lock for the rare outcomes. What it guarantees, model-checked with loom
+//! below (`RUSTFLAGS="--cfg loom" cargo test
 //! --features tokio --lib tally`):
 //! - `accept` and `seal` are totally ordered: a cleanup is either accepted before the seal
 //!   (and then counted in the sealed report, as finished or as aborted) or refused;
-//! - every outcome recorded before the seal is in the report, none twice, and
+//! - every outcome is counted at most once, only for an accepted cleanup, so
 //!   `aborted = accepted - completed - failed - lost` is never negative.
 
 use std::collections::VecDeque;
 
 #[cfg(loom)]
+use loom::sync::atomic::{AtomicU64, Ordering};
+#[cfg(loom)]
 use loom::sync::{Mutex, MutexGuard};
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicU64, Ordering};
 #[cfg(not(loom))]
 use std::sync::{Mutex, MutexGuard};
 
@@ -23,11 +28,13 @@ use crate::error::{CleanupError, CleanupErrors};
 /// [`failed`](Counts::failed) counts them all.
 pub(crate) const KEPT_FAILURES: usize = 1024;
 
+/// The low bit of `Tally::accepted`.
+const SEALED: u64 = 1;
+
+/// The rare outcomes, under the lock.
 #[derive(Default)]
-struct State {
+struct Rest {
     sealed: bool,
-    accepted: u64,
-    completed: u64,
     failed: u64,
     lost: u64,
     failures: VecDeque<CleanupError>,
@@ -52,86 +59,108 @@ impl Counts {
     }
 }
 
+/// The hot path (accept, complete) is one atomic add each; failures and losses, rare,
+/// take a lock.
 pub(crate) struct Tally {
-    state: Mutex<State>,
+    /// Twice the number of accepted cleanups, plus [`SEALED`] once sealed. Accepting and
+    /// sealing are each one read-modify-write of this word, so they are totally ordered:
+    /// an accept either comes before the seal (and is counted) or sees the seal.
+    accepted: Padded<AtomicU64>,
+    completed: Padded<AtomicU64>,
+    rest: Mutex<Rest>,
+}
+
+/// Keeps a hot counter on a cache line of its own: the thread that drops guards bumps
+/// `accepted`, the one that runs cleanups bumps `completed`, and neither should evict the
+/// other's line, or the reaper's read-only fields next to them. 128 bytes: two lines, as
+/// adjacent-line prefetchers fetch pairs (crossbeam's `CachePadded` does the same).
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 impl Tally {
     pub(crate) fn new() -> Tally {
         Tally {
-            state: Mutex::new(State::default()),
+            accepted: Padded(AtomicU64::new(0)),
+            completed: Padded(AtomicU64::new(0)),
+            rest: Mutex::new(Rest::default()),
         }
     }
 
     /// Nothing here panics while the lock is held, but if something did, the counts
     /// would still be valid: ignore the poison rather than lose the report.
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
+    fn rest(&self) -> MutexGuard<'_, Rest> {
+        self.rest
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Counts one more deferred cleanup; `false` once the tally is sealed.
+    #[inline]
     pub(crate) fn accept(&self) -> bool {
-        let mut state = self.lock();
-        if state.sealed {
-            return false;
-        }
-        state.accepted += 1;
-        true
+        self.accepted.fetch_add(2, Ordering::Relaxed) & SEALED == 0
     }
 
     /// An accepted cleanup ran to the end without error.
+    #[inline]
     pub(crate) fn complete(&self) {
-        let mut state = self.lock();
-        if !state.sealed {
-            state.completed += 1;
-        }
+        self.completed.fetch_add(1, Ordering::Release);
     }
 
     /// An accepted cleanup ran to the end with these errors (or panicked).
     pub(crate) fn fail(&self, errors: CleanupErrors) {
-        let mut state = self.lock();
-        if state.sealed {
+        let mut rest = self.rest();
+        if rest.sealed {
             return;
         }
-        state.failed += 1;
+        rest.failed += 1;
         for e in errors {
-            if state.failures.len() == KEPT_FAILURES {
-                state.failures.pop_front();
-                state.failures_dropped += 1;
+            if rest.failures.len() == KEPT_FAILURES {
+                rest.failures.pop_front();
+                rest.failures_dropped += 1;
             }
-            state.failures.push_back(e);
+            rest.failures.push_back(e);
         }
     }
 
     /// An accepted cleanup could not run: no runtime, or the runtime shut down first.
     pub(crate) fn lose(&self) {
-        let mut state = self.lock();
-        if !state.sealed {
-            state.lost += 1;
+        let mut rest = self.rest();
+        if !rest.sealed {
+            rest.lost += 1;
         }
     }
 
     /// Stops accepting and returns the counts; `None` if it was already sealed.
+    ///
+    /// An outcome recorded after the seal is not counted: its cleanup is then one of the
+    /// `aborted` (accepted, not finished when sealed).
     pub(crate) fn seal(&self) -> Option<Counts> {
-        let mut state = self.lock();
-        if state.sealed {
+        let accepted = self.accepted.fetch_or(SEALED, Ordering::AcqRel);
+        if accepted & SEALED != 0 {
             return None;
         }
-        state.sealed = true;
+        let completed = self.completed.load(Ordering::Acquire);
+        let mut rest = self.rest();
+        rest.sealed = true;
         Some(Counts {
-            accepted: state.accepted,
-            completed: state.completed,
-            failed: state.failed,
-            lost: state.lost,
-            failures: std::mem::take(&mut state.failures).into(),
-            failures_dropped: state.failures_dropped,
+            accepted: accepted / 2,
+            completed,
+            failed: rest.failed,
+            lost: rest.lost,
+            failures: std::mem::take(&mut rest.failures).into(),
+            failures_dropped: rest.failures_dropped,
         })
     }
 
     pub(crate) fn is_sealed(&self) -> bool {
-        self.lock().sealed
+        self.accepted.load(Ordering::Relaxed) & SEALED != 0
     }
 }
 
@@ -207,17 +236,17 @@ mod loom_tests {
         loom::model(|| {
             let tally = Arc::new(Tally::new());
             let accepted = Arc::new(AtomicU64::new(0));
-            let workers: Vec<_> = (0..2)
+            let workers: Vec<_> = (0..3)
                 .map(|i| {
                     let tally = Arc::clone(&tally);
                     let accepted = Arc::clone(&accepted);
                     thread::spawn(move || {
                         if tally.accept() {
                             accepted.fetch_add(1, Ordering::SeqCst);
-                            if i == 0 {
-                                tally.complete();
-                            } else {
-                                tally.lose();
+                            match i {
+                                0 => tally.complete(),
+                                1 => tally.lose(),
+                                _ => tally.fail(CleanupErrors::default()),
                             }
                         }
                     })
@@ -232,7 +261,7 @@ mod loom_tests {
             assert!(counts.completed + counts.failed + counts.lost <= counts.accepted);
             assert_eq!(
                 counts.aborted(),
-                counts.accepted - counts.completed - counts.lost
+                counts.accepted - counts.completed - counts.failed - counts.lost
             );
             // After the seal, nothing more is accepted or counted.
             assert!(!tally.accept());
