@@ -236,17 +236,18 @@ mod loom_tests {
         loom::model(|| {
             let tally = Arc::new(Tally::new());
             let accepted = Arc::new(AtomicU64::new(0));
-            let workers: Vec<_> = (0..3)
+            let workers: Vec<_> = (0..2)
                 .map(|i| {
                     let tally = Arc::clone(&tally);
                     let accepted = Arc::clone(&accepted);
                     thread::spawn(move || {
                         if tally.accept() {
                             accepted.fetch_add(1, Ordering::SeqCst);
-                            match i {
-                                0 => tally.complete(),
-                                1 => tally.lose(),
-                                _ => tally.fail(CleanupErrors::default()),
+                            // One fast-path outcome (atomic), one slow-path one (lock).
+                            if i == 0 {
+                                tally.complete();
+                            } else {
+                                tally.fail(CleanupErrors::default());
                             }
                         }
                     })
