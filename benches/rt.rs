@@ -7,7 +7,8 @@
 //!   cleanup finished). Multi-thread runtime, 2 workers. One element = one resource
 //!   created, dropped and cleaned up.
 //! - `close`: `AsyncGuard::new(v, f).close().await` vs `f(v).await`, on a current-thread
-//!   runtime, for a cleanup that is ready at once and for one that yields once.
+//!   runtime, for a cleanup that is ready at once, one that yields once, and a real one (a
+//!   goodbye line written to a loopback TCP peer).
 //!
 //! Run: `cargo bench --all-features --bench rt -- --warm-up-time 1 --measurement-time 3`.
 
@@ -21,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use custodian::rt::AsyncGuard;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::{Builder, Runtime};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -192,7 +195,45 @@ fn close(c: &mut Criterion) {
             rt.block_on(async { AsyncGuard::new(black_box(1), yields).close().await.unwrap() })
         })
     });
+
+    // A real cleanup: a goodbye line on a loopback TCP connection (a peer task drains it).
+    let client = rt.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0; 1 << 16];
+            while server.read(&mut buf).await.unwrap_or(0) > 0 {}
+        });
+        Arc::new(client)
+    });
+    group.bench_function("direct goodbye over loopback TCP", |b| {
+        b.iter(|| rt.block_on(async { goodbye(Arc::clone(&client)).await.unwrap() }))
+    });
+    group.bench_function("custodian close, goodbye over loopback TCP", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                AsyncGuard::new(Arc::clone(&client), goodbye)
+                    .close()
+                    .await
+                    .unwrap()
+            })
+        })
+    });
     group.finish();
+}
+
+async fn goodbye(stream: Arc<TcpStream>) -> io::Result<()> {
+    loop {
+        stream.writable().await?;
+        match stream.try_write(b"goodbye\n") {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 criterion_group!(benches, defer, close);

@@ -552,6 +552,30 @@ fn a_guard_created_outside_a_runtime_uses_the_reapers_runtime() {
     assert_eq!((report.completed(), runs.load(SeqCst)), (1, 1));
 }
 
+#[test]
+fn a_guard_created_outside_a_runtime_and_dropped_in_one_runs_there() {
+    let reaper = Reaper::new(); // no runtime: no handle
+    let runs = Arc::new(AtomicUsize::new(0));
+    let dropped = counting(&reaper, &runs);
+    let closed = AsyncGuard::with_reaper(&reaper, runs.clone(), |runs| async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        runs.fetch_add(10, SeqCst);
+        Ok::<_, io::Error>(())
+    });
+    let rt = multi_thread();
+    let report = rt.block_on(async {
+        drop(dropped);
+        // A close cancelled midway is finished on this runtime too.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(5), closed.close())
+                .await
+                .is_err()
+        );
+        reaper.shutdown(LONG).await
+    });
+    assert_eq!((report.completed(), runs.load(SeqCst)), (2, 11), "{report}");
+}
+
 // ---------------------------------------------------------------- load
 
 #[test]

@@ -34,7 +34,8 @@ type Fallback<T> = Box<dyn FnOnce(T) + Send>;
 /// [`fallback`](AsyncGuardBuilder::fallback), if one was given, runs instead.
 ///
 /// The cleanup runs on the runtime current when the guard was created (or else the
-/// reaper's), so a guard may be dropped on any thread.
+/// reaper's, or else the one current where it is dropped), so a guard may be dropped on
+/// any thread.
 ///
 /// ```
 /// use custodian::rt::AsyncGuard;

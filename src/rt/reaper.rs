@@ -222,7 +222,8 @@ impl Reaper {
     ///
     /// # Cancel safety
     /// Cancelling it (dropping the future) before it returns leaves the reaper open and
-    /// its cleanups running; a later call drains them.
+    /// its cleanups running (unless the deadline had already passed: those still running
+    /// then were told to abort); a later call drains them.
     pub async fn shutdown(&self, timeout: Duration) -> DrainReport {
         let start = Instant::now();
         let inner = &self.inner;
@@ -403,11 +404,15 @@ impl fmt::Display for Lost {
 }
 
 impl InnerRef {
-    /// Runs `job` as a task tracked by the reaper, on `handle`'s runtime or else the
-    /// reaper's. Never blocks and never panics: a job that cannot run is reported as lost
-    /// (and its fallback run) at once.
+    /// Runs `job` as a task tracked by the reaper, on `handle`'s runtime (the one its
+    /// guard was created in), else the reaper's, else the one current here. Never blocks
+    /// and never panics: a job that cannot run is reported as lost (and its fallback run)
+    /// at once.
     pub(crate) fn spawn_job<J: Job>(self, handle: Option<Handle>, owner: Owner, job: J) {
-        let Some(handle) = handle.or_else(|| self.handle.clone()) else {
+        let handle = handle
+            .or_else(|| self.handle.clone())
+            .or_else(|| Handle::try_current().ok());
+        let Some(handle) = handle else {
             if self.tally.accept() {
                 self.tally.lose();
             }
