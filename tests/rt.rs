@@ -65,6 +65,39 @@ fn counts(kind: &str, before: &ledger::Snapshot) -> ledger::Counts {
     ledger::snapshot().since(before).get(kind)
 }
 
+// ---------------------------------------------------------------- auto traits
+
+#[test]
+fn guards_and_their_futures_can_cross_threads() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+    let rt = current_thread();
+    let guard = rt.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        AsyncGuard::new(stream, |s| async move {
+            drop(s);
+            Ok::<_, io::Error>(())
+        })
+    });
+    // `Sync` although the cleanup closure need not be: `&guard` may be held across an
+    // `.await` in a spawned task.
+    send_sync(&guard);
+    send_sync(&Reaper::new());
+    let close = guard.close();
+    send(&close);
+    send(&custodian::rt::scope(|s| async move {
+        s.defer(async {});
+        Ok::<_, io::Error>(())
+    }));
+    let stack = AsyncCleanupStack::new();
+    send(&stack);
+    send(&stack.close());
+    rt.block_on(close).unwrap();
+}
+
 // ---------------------------------------------------------------- exactly once
 
 #[test]

@@ -8,6 +8,7 @@ use std::future::{Future, poll_fn};
 use std::ops::{Deref, DerefMut};
 use std::panic::{AssertUnwindSafe, Location, catch_unwind, resume_unwind};
 use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
 use std::task::Poll;
 
 use tokio::runtime::Handle;
@@ -61,11 +62,25 @@ pub struct AsyncGuard<T: Send + 'static> {
 
 struct Parts<T: Send + 'static> {
     value: T,
-    cleanup: Box<dyn Cleanup<T>>,
-    fallback: Option<Fallback<T>>,
+    /// Never locked: taken out by value with `Mutex::into_inner`, which costs nothing.
+    /// It is there so that the guard is `Sync` when `T` is (a `&AsyncGuard` can be held
+    /// across an `.await` in a spawned task) without asking the closures to be `Sync`:
+    /// nothing reaches them through a shared reference.
+    erased: Mutex<Erased<T>>,
     owner: Owner,
     handle: Option<Handle>,
     reaper: ReaperRef,
+}
+
+struct Erased<T> {
+    cleanup: Box<dyn Cleanup<T>>,
+    fallback: Option<Fallback<T>>,
+}
+
+impl<T> Erased<T> {
+    fn take(erased: Mutex<Erased<T>>) -> Erased<T> {
+        erased.into_inner().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The cleanup closure with its types erased, so that the guard is `AsyncGuard<T>`
@@ -260,14 +275,13 @@ impl<T: Send + 'static> AsyncGuard<T> {
         };
         let Parts {
             value,
-            cleanup,
-            fallback: _,
+            erased,
             owner,
             handle,
             reaper,
         } = parts;
         let mut in_flight = InFlight {
-            fut: Some(cleanup.call(value)),
+            fut: Some(Erased::take(erased).cleanup.call(value)),
             owner: Some(owner),
             handle,
             reaper,
@@ -352,13 +366,14 @@ impl<T: Send + 'static> Parts<T> {
         self.owner
             .ticket
             .dropped_without_close(&self.owner.resource);
+        let Erased { cleanup, fallback } = Erased::take(self.erased);
         let ctx = DeferCtx {
-            fallback: self.fallback,
+            fallback,
             reaper: self.reaper.inner(),
             handle: self.handle,
             owner: self.owner,
         };
-        self.cleanup.defer(self.value, ctx);
+        cleanup.defer(self.value, ctx);
     }
 }
 
@@ -504,8 +519,10 @@ impl<T: Send + 'static> AsyncGuardBuilder<T> {
         AsyncGuard {
             parts: Some(Parts {
                 value,
-                cleanup: Box::new(cleanup),
-                fallback: self.fallback,
+                erased: Mutex::new(Erased {
+                    cleanup: Box::new(cleanup),
+                    fallback: self.fallback,
+                }),
                 owner: Owner::new(
                     ticket,
                     self.resource.unwrap_or(Cow::Borrowed(type_name::<T>())),
