@@ -4,6 +4,8 @@
 //! Run it with `cargo run --example tour` (add `--all-features` for the async chapter).
 
 mod foundation;
+#[cfg(feature = "tokio")]
+mod rt;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
@@ -21,6 +23,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     chapter("1. Scopes, rollbacks and cleanup stacks");
     foundation::run(dir.path())?;
+
+    #[cfg(feature = "tokio")]
+    {
+        chapter("Async cleanup that survives cancellation (custodian::rt)");
+        rt::run(dir.path())?;
+    }
 
     chapter("The ledger");
     println!("{}", custodian::ledger::report());
