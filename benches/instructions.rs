@@ -39,6 +39,9 @@ type Scenario = (&'static str, fn(&State));
 struct State {
     n: Cell<u64>,
     counter: Arc<AtomicU64>,
+    /// A current-thread runtime for the async scenarios (feature `tokio`).
+    #[cfg(feature = "tokio")]
+    rt: tokio::runtime::Runtime,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -52,7 +55,35 @@ const SCENARIOS: &[Scenario] = &[
     ("ticket-nothing", ticket_nothing),
     ("ticket", ticket),
     ("ticket-filtered-subscriber", ticket),
+    #[cfg(feature = "tokio")]
+    ("close-ready-direct", rt::direct),
+    #[cfg(feature = "tokio")]
+    ("close-ready-custodian", rt::custodian_close),
 ];
+
+/// `AsyncGuard::new(v, f).close().await` vs `f(v).await`, on a current-thread runtime,
+/// for a cleanup that is ready at once (benches/rt.rs, group `close`).
+#[cfg(feature = "tokio")]
+mod rt {
+    use super::State;
+    use custodian::rt::AsyncGuard;
+    use std::hint::black_box;
+
+    async fn ready(n: u64) -> std::io::Result<()> {
+        black_box(n);
+        Ok(())
+    }
+
+    #[inline(never)]
+    pub(super) fn direct(s: &State) {
+        s.rt.block_on(async { ready(black_box(1)).await.unwrap() });
+    }
+
+    #[inline(never)]
+    pub(super) fn custodian_close(s: &State) {
+        s.rt.block_on(async { AsyncGuard::new(black_box(1), ready).close().await.unwrap() });
+    }
+}
 
 #[inline(never)]
 fn hand_written(s: &State) {
@@ -148,6 +179,11 @@ fn main() {
     let state = State {
         n: Cell::new(0),
         counter: Arc::new(AtomicU64::new(0)),
+        #[cfg(feature = "tokio")]
+        rt: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime"),
     };
     match args.first().map(String::as_str) {
         // `cargo bench` passes `--bench` (and any criterion options given to a run of
