@@ -27,9 +27,9 @@ fn unprivileged<R>(f: impl FnOnce() -> R) -> R {
     use rustix::thread::{CapabilitySet, capabilities, set_capabilities};
     let before = capabilities(None).expect("capget");
     let mut lowered = before;
-    lowered
-        .effective
-        .remove(CapabilitySet::DAC_OVERRIDE | CapabilitySet::DAC_READ_SEARCH | CapabilitySet::FOWNER);
+    lowered.effective.remove(
+        CapabilitySet::DAC_OVERRIDE | CapabilitySet::DAC_READ_SEARCH | CapabilitySet::FOWNER,
+    );
     set_capabilities(None, lowered).expect("capset");
     let _restore = custodian::guard((), move |()| {
         set_capabilities(None, before).expect("restoring capabilities");
@@ -68,7 +68,13 @@ fn files_starting_with(dir: &Path, prefix: &str) -> Vec<String> {
 /// This test binary, re-invoked to run one `#[ignore]`d child role.
 fn child_role(role: &str) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([role, "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
+    cmd.args([
+        role,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
     cmd
 }
 
@@ -102,11 +108,20 @@ fn atomic_commit_replaces_and_readers_see_the_old_content_until_then() {
     assert_eq!(fs::read_to_string(&path).unwrap(), "old");
     let temp = file.temp_path().to_path_buf();
     assert_eq!(temp.parent(), Some(dir.path()));
-    assert!(temp.file_name().unwrap().to_str().unwrap().starts_with(".app.toml."));
+    assert!(
+        temp.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with(".app.toml.")
+    );
     file.commit().unwrap();
     assert_eq!(fs::read_to_string(&path).unwrap(), "new content");
     assert!(!temp.exists());
-    assert_eq!(files_starting_with(dir.path(), ".app.toml."), Vec::<String>::new());
+    assert_eq!(
+        files_starting_with(dir.path(), ".app.toml."),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -126,8 +141,10 @@ fn atomic_drop_without_commit_rolls_back_and_says_so() {
     assert_eq!(fs::read_to_string(&path).unwrap(), "old");
     assert!(errors(&events).is_empty());
     assert!(
-        events.iter().any(|e| e.message == "cleanup ran from Drop, not close"
-            && e.field("resource") == Some(&*path.display().to_string())),
+        events
+            .iter()
+            .any(|e| e.message == "cleanup ran from Drop, not close"
+                && e.field("resource") == Some(&*path.display().to_string())),
         "{events:?}"
     );
     check.finish().unwrap();
@@ -186,7 +203,10 @@ fn atomic_target_is_a_directory() {
     fs::create_dir(&target).unwrap();
     let err = AtomicFile::create(&target).unwrap_err();
     assert_error(&err, io::ErrorKind::IsADirectory, &target);
-    assert_eq!(files_starting_with(dir.path(), ".sub."), Vec::<String>::new());
+    assert_eq!(
+        files_starting_with(dir.path(), ".sub."),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -205,10 +225,19 @@ fn atomic_replaces_a_symlink_at_the_target_not_the_file_it_points_to() {
     file.write_all(b"new").unwrap();
     file.commit().unwrap();
 
-    assert!(!fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(
+        !fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     assert_eq!(fs::read_to_string(&link).unwrap(), "new");
     assert_eq!(fs::read_to_string(&real).unwrap(), "untouched");
-    assert_eq!(mode_of(&link), 0o640, "the linked file's permissions are kept");
+    assert_eq!(
+        mode_of(&link),
+        0o640,
+        "the linked file's permissions are kept"
+    );
 }
 
 #[test]
@@ -221,10 +250,17 @@ fn atomic_through_a_symlinked_directory_stages_in_the_real_one() {
 
     let mut file = AtomicFile::create(link_dir.join("a.txt")).unwrap();
     let temp = file.temp_path().to_path_buf();
-    assert!(fs::canonicalize(&temp).unwrap().starts_with(fs::canonicalize(&real_dir).unwrap()));
+    assert!(
+        fs::canonicalize(&temp)
+            .unwrap()
+            .starts_with(fs::canonicalize(&real_dir).unwrap())
+    );
     file.write_all(b"through the link").unwrap();
     file.commit().unwrap();
-    assert_eq!(fs::read_to_string(real_dir.join("a.txt")).unwrap(), "through the link");
+    assert_eq!(
+        fs::read_to_string(real_dir.join("a.txt")).unwrap(),
+        "through the link"
+    );
 }
 
 #[test]
@@ -243,9 +279,15 @@ fn atomic_temp_dir_on_another_filesystem_is_a_clear_error() {
         return;
     }
     let target = dir.path().join("a.txt");
-    let err = AtomicFile::builder().temp_dir(shm).create(&target).unwrap_err();
+    let err = AtomicFile::builder()
+        .temp_dir(shm)
+        .create(&target)
+        .unwrap_err();
     assert_error(&err, io::ErrorKind::CrossesDevices, shm);
-    assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&dir.path().display().to_string()),
+        "{err}"
+    );
     assert!(!target.exists());
 }
 
@@ -261,7 +303,9 @@ fn atomic_failed_rename_gives_the_file_back_intact() {
     let err = file.commit().unwrap_err();
     assert_error(err.error(), io::ErrorKind::IsADirectory, &target);
     assert!(!err.is_replaced());
-    let file = err.into_file().expect("the rename failed: the content is intact");
+    let file = err
+        .into_file()
+        .expect("the rename failed: the content is intact");
     fs::remove_dir_all(&target).unwrap();
     file.commit().unwrap();
     assert_eq!(fs::read_to_string(&target).unwrap(), "precious");
@@ -301,7 +345,11 @@ fn atomic_permissions_kept_defaulted_or_chosen() {
 fn atomic_without_sync_still_replaces() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cache");
-    let mut file = AtomicFile::builder().sync(false).buffer_capacity(0).create(&path).unwrap();
+    let mut file = AtomicFile::builder()
+        .sync(false)
+        .buffer_capacity(0)
+        .create(&path)
+        .unwrap();
     file.write_all(b"fast").unwrap();
     file.commit().unwrap();
     assert_eq!(fs::read(&path).unwrap(), b"fast");
@@ -335,7 +383,9 @@ fn atomic_removes_stale_temp_files_of_dead_writers_only() {
     let stale = dir.path().join(format!(".data.AbC123.{dead_pid}.tmp"));
     fs::write(&stale, "half").unwrap();
     // A writer that is alive (this process), and a file of another target.
-    let live = dir.path().join(format!(".data.XyZ789.{}.tmp", std::process::id()));
+    let live = dir
+        .path()
+        .join(format!(".data.XyZ789.{}.tmp", std::process::id()));
     fs::write(&live, "in progress").unwrap();
     let other = dir.path().join(format!(".other.AbC123.{dead_pid}.tmp"));
     fs::write(&other, "not ours").unwrap();
@@ -373,10 +423,20 @@ fn atomic_drop_reports_a_failed_rollback() {
     let errs = errors(&events);
     assert_eq!(errs.len(), 1, "{events:?}");
     assert_eq!(errs[0].field("kind"), Some("custodian::fs::AtomicFile"));
-    assert_eq!(errs[0].field("resource"), Some(&*path.display().to_string()));
-    assert!(errs[0].field("error").unwrap().contains("Permission denied"));
+    assert_eq!(
+        errs[0].field("resource"),
+        Some(&*path.display().to_string())
+    );
+    assert!(
+        errs[0]
+            .field("error")
+            .unwrap()
+            .contains("Permission denied")
+    );
     assert!(temp.exists(), "the removal really failed");
-    let counts = ledger::snapshot().since(&before).get("custodian::fs::AtomicFile");
+    let counts = ledger::snapshot()
+        .since(&before)
+        .get("custodian::fs::AtomicFile");
     assert!(counts.failed >= 1, "{counts:?}");
 }
 
@@ -394,10 +454,24 @@ fn atomic_commit_on_a_full_disk_loses_nothing() {
         shift
         exec "$@""#;
     let output = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
         .arg(&mnt)
         .arg(&exe)
-        .args(["child_role_full_disk", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "child_role_full_disk",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("CUSTODIAN_FS_FULL_DISK", &mnt)
         .output();
     let output = match output {
@@ -447,7 +521,9 @@ fn child_role_full_disk() {
     let err = file.commit().unwrap_err();
     assert_error(err.error(), io::ErrorKind::StorageFull, &target);
     assert_eq!(fs::read_to_string(&target).unwrap(), "old content");
-    let file = err.into_file().expect("the flush failed: the data is still buffered");
+    let file = err
+        .into_file()
+        .expect("the flush failed: the data is still buffered");
 
     // A write too big for the buffer fails at once, naming nothing lost either.
     let mut big = AtomicFile::create(mnt.join("big")).unwrap();
@@ -471,8 +547,14 @@ fn lock_records_the_pid_and_removes_the_file_on_close() {
     let path = dir.path().join("app.pid");
     fs::write(&path, "999999999 left by someone, longer than a pid line\n").unwrap();
     let lock = LockFile::acquire(&path).unwrap();
-    assert_eq!(fs::read_to_string(&path).unwrap(), format!("{}\n", std::process::id()));
-    assert_eq!(LockFile::owner_pid(&path).unwrap(), Some(std::process::id()));
+    assert_eq!(
+        fs::read_to_string(&path).unwrap(),
+        format!("{}\n", std::process::id())
+    );
+    assert_eq!(
+        LockFile::owner_pid(&path).unwrap(),
+        Some(std::process::id())
+    );
     assert_eq!(mode_of(&path) & !0o644, 0, "not writable by others");
     lock.close().unwrap();
     assert!(!path.exists());
@@ -486,7 +568,11 @@ fn lock_try_acquire_sees_a_holder_in_the_same_process() {
     assert!(LockFile::try_acquire(&path).unwrap().is_none());
     let err = LockFile::acquire_timeout(&path, Duration::from_millis(30)).unwrap_err();
     assert_error(&err, io::ErrorKind::WouldBlock, &path);
-    assert!(err.to_string().contains(&format!("pid {}", std::process::id())), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
     assert!(LockHeld::of(&err).unwrap().waited() >= Duration::from_millis(30));
     drop(held);
     assert!(LockFile::try_acquire(&path).unwrap().is_some());
@@ -509,12 +595,19 @@ fn lock_held_by_another_process_names_its_pid() {
     assert_error(&err, io::ErrorKind::WouldBlock, &path);
     let held = LockHeld::of(&err).expect("a LockHeld inside");
     assert_eq!(held.pid(), Some(holder.id()));
-    assert!(err.to_string().contains(&format!("held by pid {}", holder.id())), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("held by pid {}", holder.id())),
+        "{err}"
+    );
 
     drop(holder.stdin.take()); // the holder releases and exits
     let lock = LockFile::acquire_timeout(&path, Duration::from_secs(60)).unwrap();
     assert!(holder.wait().unwrap().success());
-    assert_eq!(LockFile::owner_pid(&path).unwrap(), Some(std::process::id()));
+    assert_eq!(
+        LockFile::owner_pid(&path).unwrap(),
+        Some(std::process::id())
+    );
     lock.close().unwrap();
 }
 
@@ -545,10 +638,19 @@ fn lock_left_by_a_killed_process_does_not_block() {
     let dead_pid = holder.id();
     holder.kill().unwrap();
     assert_eq!(holder.wait().unwrap().signal(), Some(9));
-    assert_eq!(LockFile::owner_pid(&path).unwrap(), Some(dead_pid), "its pid file stays");
+    assert_eq!(
+        LockFile::owner_pid(&path).unwrap(),
+        Some(dead_pid),
+        "its pid file stays"
+    );
 
-    let lock = LockFile::try_acquire(&path).unwrap().expect("the kernel released its lock");
-    assert_eq!(LockFile::owner_pid(&path).unwrap(), Some(std::process::id()));
+    let lock = LockFile::try_acquire(&path)
+        .unwrap()
+        .expect("the kernel released its lock");
+    assert_eq!(
+        LockFile::owner_pid(&path).unwrap(),
+        Some(std::process::id())
+    );
     lock.close().unwrap();
 }
 
@@ -559,7 +661,10 @@ fn lock_shared_holders_coexist_and_the_last_one_removes_the_file() {
     let mut opts = LockFile::options();
     opts.shared(true);
     let a = opts.acquire(&path).unwrap();
-    let b = opts.try_acquire(&path).unwrap().expect("shared locks coexist");
+    let b = opts
+        .try_acquire(&path)
+        .unwrap()
+        .expect("shared locks coexist");
     assert!(a.is_shared());
     assert!(LockFile::try_acquire(&path).unwrap().is_none());
     let err = LockFile::acquire_timeout(&path, Duration::ZERO).unwrap_err();
@@ -653,7 +758,10 @@ fn lock_acquire_timeout_gets_a_lock_released_in_time() {
     });
     let lock = LockFile::acquire_timeout(&path, Duration::from_secs(60)).unwrap();
     releaser.join().unwrap();
-    assert_eq!(LockFile::owner_pid(&path).unwrap(), Some(std::process::id()));
+    assert_eq!(
+        LockFile::owner_pid(&path).unwrap(),
+        Some(std::process::id())
+    );
     drop(lock);
 }
 
@@ -661,7 +769,10 @@ fn lock_acquire_timeout_gets_a_lock_released_in_time() {
 fn lock_kept_file_is_emptied_on_release() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.pid");
-    let lock = LockFile::options().remove_on_release(false).acquire(&path).unwrap();
+    let lock = LockFile::options()
+        .remove_on_release(false)
+        .acquire(&path)
+        .unwrap();
     assert!(!fs::read(&path).unwrap().is_empty());
     drop(lock);
     assert_eq!(fs::read(&path).unwrap(), b"");
@@ -680,9 +791,18 @@ fn lock_drop_reports_a_failed_removal() {
     let errs = errors(&events);
     assert_eq!(errs.len(), 1, "{events:?}");
     assert_eq!(errs[0].field("kind"), Some("custodian::fs::LockFile"));
-    assert_eq!(errs[0].field("resource"), Some(&*path.display().to_string()));
+    assert_eq!(
+        errs[0].field("resource"),
+        Some(&*path.display().to_string())
+    );
     // The lock itself was released.
-    assert!(LockFile::options().remove_on_release(false).try_acquire(&path).unwrap().is_some());
+    assert!(
+        LockFile::options()
+            .remove_on_release(false)
+            .try_acquire(&path)
+            .unwrap()
+            .is_some()
+    );
 
     let lock = LockFile::acquire(&path).unwrap();
     let err = unprivileged(|| lock.close()).unwrap_err();
@@ -724,8 +844,13 @@ fn checked_drop_on_a_full_disk_reports_the_error() {
     assert_eq!(errs.len(), 1, "{events:?}");
     assert_eq!(errs[0].field("kind"), Some("custodian::fs::CheckedFile"));
     assert_eq!(errs[0].field("resource"), Some("/dev/full"));
-    assert!(errs[0].field("error").unwrap().contains("No space left"), "{errs:?}");
-    let counts = ledger::snapshot().since(&before).get("custodian::fs::CheckedFile");
+    assert!(
+        errs[0].field("error").unwrap().contains("No space left"),
+        "{errs:?}"
+    );
+    let counts = ledger::snapshot()
+        .since(&before)
+        .get("custodian::fs::CheckedFile");
     assert!(counts.failed >= 1, "{counts:?}");
 }
 
@@ -738,13 +863,18 @@ fn checked_flush_keeps_the_data_for_a_retry() {
     let err = CheckedFile::into_inner(file).unwrap_err();
     assert_eq!(err.error().kind(), io::ErrorKind::StorageFull);
     let file = err.into_inner();
-    assert!(file.close().is_err(), "the data is still there, still unwritable");
+    assert!(
+        file.close().is_err(),
+        "the data is still there, still unwritable"
+    );
 }
 
 #[test]
 fn checked_failed_fsync_is_reported() {
     // fsync(2) on a character device fails with EINVAL.
-    let file = CheckedFile::create("/dev/null").unwrap().sync_on_close(true);
+    let file = CheckedFile::create("/dev/null")
+        .unwrap()
+        .sync_on_close(true);
     let err = file.close().unwrap_err();
     assert_error(&err, io::ErrorKind::InvalidInput, Path::new("/dev/null"));
 }
@@ -753,14 +883,21 @@ fn checked_failed_fsync_is_reported() {
 fn checked_bad_paths() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-dir").join("out");
-    assert_error(&CheckedFile::create(&missing).unwrap_err(), io::ErrorKind::NotFound, &missing);
+    assert_error(
+        &CheckedFile::create(&missing).unwrap_err(),
+        io::ErrorKind::NotFound,
+        &missing,
+    );
 
     let victim = dir.path().join("victim");
     fs::write(&victim, "do not truncate").unwrap();
     let link = dir.path().join("out");
     symlink(&victim, &link).unwrap();
     let err = CheckedFile::create(&link).unwrap_err();
-    assert!(err.to_string().contains(&link.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&link.display().to_string()),
+        "{err}"
+    );
     assert_eq!(fs::read_to_string(&victim).unwrap(), "do not truncate");
 
     let ro = dir.path().join("ro");
@@ -803,7 +940,10 @@ fn tempdir_failed_removal_is_returned_and_reported() {
     let path = dir.path().to_path_buf();
     let err = unprivileged(|| dir.close()).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
-    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
 
     let before = ledger::snapshot();
     let dir = TempDir::new_in(parent.path()).unwrap();
@@ -816,8 +956,13 @@ fn tempdir_failed_removal_is_returned_and_reported() {
     let errs = errors(&events);
     assert_eq!(errs.len(), 1, "{events:?}");
     assert_eq!(errs[0].field("kind"), Some("custodian::fs::TempDir"));
-    assert_eq!(errs[0].field("resource"), Some(&*path2.display().to_string()));
-    let counts = ledger::snapshot().since(&before).get("custodian::fs::TempDir");
+    assert_eq!(
+        errs[0].field("resource"),
+        Some(&*path2.display().to_string())
+    );
+    let counts = ledger::snapshot()
+        .since(&before)
+        .get("custodian::fs::TempDir");
     assert!(counts.failed >= 1, "{counts:?}");
 
     for p in [&path, &path2] {
@@ -845,8 +990,14 @@ fn tempfile_failed_removal_is_returned_and_reported() {
     let errs = errors(&events);
     assert_eq!(errs.len(), 1, "{events:?}");
     assert_eq!(errs[0].field("kind"), Some("custodian::fs::TempFile"));
-    assert_eq!(errs[0].field("resource"), Some(&*path2.display().to_string()));
-    assert!(path.exists() && path2.exists(), "the removals really failed");
+    assert_eq!(
+        errs[0].field("resource"),
+        Some(&*path2.display().to_string())
+    );
+    assert!(
+        path.exists() && path2.exists(),
+        "the removals really failed"
+    );
 }
 
 #[test]
@@ -859,5 +1010,9 @@ fn tempfile_reads_writes_and_closes() {
     let path = file.path().to_path_buf();
     let ((), events) = capture(|| file.close().unwrap());
     assert!(!path.exists());
-    assert!(!events.iter().any(|e| e.message == "cleanup ran from Drop, not close"));
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.message == "cleanup ran from Drop, not close")
+    );
 }

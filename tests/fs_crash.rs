@@ -24,7 +24,13 @@ const CHUNK: usize = 64 * 1024;
 /// This test binary, re-invoked to run one `#[ignore]`d child role.
 fn child_role(role: &str) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([role, "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
+    cmd.args([
+        role,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
     cmd
 }
 
@@ -131,17 +137,27 @@ fn atomic_file_survives_sigkill(kills: u32) {
         std::thread::sleep(Duration::from_micros(rng.next() % 40_000));
         child.kill().unwrap();
         let status = child.wait().unwrap();
-        assert_eq!(status.signal(), Some(9), "the writer must die by SIGKILL: {status}");
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "the writer must die by SIGKILL: {status}"
+        );
 
         let bytes = fs::read(&target).unwrap();
         let version = check(&bytes).unwrap_or_else(|e| panic!("after kill {kill}: {e}"));
-        assert!(version >= last, "after kill {kill}: version went back from {last} to {version}");
+        assert!(
+            version >= last,
+            "after kill {kill}: version went back from {last} to {version}"
+        );
         if version > last {
             advanced += 1;
         }
         last = version;
         let temps = temp_files(dir.path());
-        assert!(temps.len() <= 1, "after kill {kill}: temp files accumulate: {temps:?}");
+        assert!(
+            temps.len() <= 1,
+            "after kill {kill}: temp files accumulate: {temps:?}"
+        );
         if !temps.is_empty() {
             mid_write += 1;
         }
@@ -214,7 +230,10 @@ fn lock_counter(processes: u32, rounds: u32) {
         start.elapsed()
     );
     assert_eq!(total, processes * rounds, "increments were lost");
-    assert!(!dir.path().join("counter.lock").exists(), "the last holder removed the lock file");
+    assert!(
+        !dir.path().join("counter.lock").exists(),
+        "the last holder removed the lock file"
+    );
 }
 
 #[test]

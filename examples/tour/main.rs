@@ -4,6 +4,7 @@
 //! Run it with `cargo run --example tour` (add `--all-features` for the async chapter).
 
 mod foundation;
+mod fs;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
@@ -21,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     chapter("1. Scopes, rollbacks and cleanup stacks");
     foundation::run(dir.path())?;
+    chapter("Files: atomic rewrite, lock files, checked close");
+    fs::run(dir.path())?;
 
     chapter("The ledger");
     println!("{}", custodian::ledger::report());

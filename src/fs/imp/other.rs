@@ -54,6 +54,11 @@ pub(crate) fn permissions_of(meta: &Metadata) -> Permissions {
     meta.permissions()
 }
 
+/// No umask here.
+pub(crate) fn umask_may_change(_permissions: &Permissions) -> bool {
+    false
+}
+
 /// Unknown here: assume the process exists, so nothing is removed.
 pub(crate) fn process_may_exist(_pid: u32) -> bool {
     true

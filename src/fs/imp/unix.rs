@@ -68,6 +68,13 @@ pub(crate) fn permissions_of(meta: &Metadata) -> Permissions {
     Permissions::from_mode(meta.mode() & 0o7777)
 }
 
+/// Whether creating a file with these permissions may have given it fewer bits, through
+/// the umask. Owner-only modes (`0o600`, `0o400`, `0o700`) are taken as safe: no umask in
+/// use masks the owner's bits, and tempfile's own default (`0o600`) relies on that too.
+pub(crate) fn umask_may_change(permissions: &Permissions) -> bool {
+    permissions.mode() & 0o7077 != 0
+}
+
 /// Whether a process with this pid may exist (in this pid namespace). `false` only when
 /// the kernel says there is none (`ESRCH`).
 pub(crate) fn process_may_exist(pid: u32) -> bool {
