@@ -54,8 +54,8 @@ pub struct CheckedFile {
 
 impl CheckedFile {
     /// Creates (or truncates) the file at `path` for writing, like
-    /// [`File::create`](std::fs::File::create), except that a symbolic link at `path` is
-    /// refused (`ELOOP`) rather than followed.
+    /// [`File::create`](std::fs::File::create) (a new file gets `0o666` minus the umask),
+    /// except that a symbolic link at `path` is refused (`ELOOP`) rather than followed.
     ///
     /// ```
     /// let dir = tempfile::tempdir()?;
