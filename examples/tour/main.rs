@@ -5,6 +5,8 @@
 
 mod foundation;
 mod fs;
+#[cfg(feature = "tokio")]
+mod rt;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
@@ -24,6 +26,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     foundation::run(dir.path())?;
     chapter("Files: atomic rewrite, lock files, checked close");
     fs::run(dir.path())?;
+
+    #[cfg(feature = "tokio")]
+    {
+        chapter("Async cleanup that survives cancellation (custodian::rt)");
+        rt::run(dir.path())?;
+    }
 
     chapter("The ledger");
     println!("{}", custodian::ledger::report());
