@@ -7,6 +7,8 @@
 //!   ([`scope`], [`Rollback`]);
 //! - several cleanups run in one place and none of their errors may be lost
 //!   ([`CleanupStack`], [`ScopeError`]);
+//! - a file must be replaced atomically, locked across processes, closed with its errors
+//!   checked, or removed with its removal checked ([`fs`]);
 //! - you want to know which resources are alive and where they were acquired, and to
 //!   fail a test that leaks one ([`ledger`]);
 //! - an async cleanup (a goodbye frame, an unlock) must run even when the future holding
@@ -60,6 +62,7 @@
 
 mod close;
 mod error;
+pub mod fs;
 pub mod ledger;
 mod rollback;
 #[cfg(feature = "tokio")]

@@ -4,6 +4,7 @@
 //! Run it with `cargo run --example tour` (add `--all-features` for the async chapter).
 
 mod foundation;
+mod fs;
 #[cfg(feature = "tokio")]
 mod rt;
 
@@ -23,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     chapter("1. Scopes, rollbacks and cleanup stacks");
     foundation::run(dir.path())?;
+    chapter("Files: atomic rewrite, lock files, checked close");
+    fs::run(dir.path())?;
 
     #[cfg(feature = "tokio")]
     {

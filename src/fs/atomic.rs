@@ -1,0 +1,815 @@
+//! `AtomicFile`: replace a file so that readers and crashes see the old content or the
+//! new one, never a torn mix.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::fs::{self, File, Permissions};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::panic::Location;
+use std::path::{Path, PathBuf};
+
+use tempfile::NamedTempFile;
+
+use super::{imp, path_error};
+use crate::Close;
+use crate::ledger::{Kind, Ticket};
+
+static KIND: Kind = Kind::new("custodian::fs::AtomicFile");
+
+/// Default size of the write buffer, as `std::io::BufWriter`'s.
+const DEFAULT_BUFFER: usize = 8 * 1024;
+/// At most this many bytes of the target's name go into the temp file's name, so that
+/// the temp name stays under `NAME_MAX` (255) whatever the target's name.
+const MAX_NAME_IN_TEMP: usize = 128;
+/// Length of the random part of the temp file's name (tempfile's default).
+const RAND_LEN: usize = 6;
+
+/// A file being rewritten: written to a temp file in the target's directory, then
+/// renamed over the target by [`commit`](AtomicFile::commit). A reader, or a crash at any
+/// moment, sees the complete old content or the complete new content, never a mix.
+///
+/// `commit` = flush the buffer → `fsync` the file → `rename` over the target → `fsync`
+/// the directory (so that the rename itself survives a power loss). Dropped without
+/// `commit`, the temp file is removed and the target is untouched (rollback); a failure to
+/// remove it is reported (tracing `error` event and the ledger's failed count).
+///
+/// ```
+/// use custodian::fs::AtomicFile;
+/// use std::io::Write;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("state.json");
+///
+/// let mut file = AtomicFile::create(&path)?;
+/// write!(file, "{{\"version\": 2}}")?;
+/// file.commit()?;
+/// assert_eq!(std::fs::read_to_string(&path)?, "{\"version\": 2}");
+///
+/// // Not committed: rolled back, the old content stays.
+/// let mut file = AtomicFile::create(&path)?;
+/// file.write_all(b"half of a new vers")?;
+/// drop(file);
+/// assert_eq!(std::fs::read_to_string(&path)?, "{\"version\": 2}");
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # Permissions
+/// The new file gets the old file's permission bits when the target exists (see
+/// [`AtomicFileBuilder::keep_permissions`]), `0o600` otherwise, or what
+/// [`AtomicFileBuilder::permissions`] says. The owner is the writing process's user.
+///
+/// # Symbolic links
+/// The temp file is created in the directory that the target's parent path resolves to,
+/// which is where `rename` puts the result, so the rename never crosses file systems. If
+/// the target itself is a symbolic link, the **link is replaced** by the new file and the
+/// file it pointed to is left unchanged, as `rename(2)` and `mv` do; this also means a
+/// link planted at the target path is never followed. To rewrite the file a link points
+/// to, pass [`std::fs::canonicalize`]`(path)`.
+///
+/// # Crashes
+/// A writer killed before `commit` leaves its temp file behind, named
+/// `.<target name>.<random>.<pid>.tmp`. The next `AtomicFile` created for the same target
+/// removes such files whose writer is gone (no process with that pid, and the file not
+/// locked: each writer holds a `flock` on its temp file). So at most one stale temp file
+/// exists per target after crashes. Turn this off with
+/// [`AtomicFileBuilder::remove_stale`].
+#[must_use = "dropping an AtomicFile without `commit` discards what was written"]
+pub struct AtomicFile {
+    /// The staged content; `None` only once `commit`, `discard` or `into_inner` took it.
+    temp: Option<BufWriter<NamedTempFile>>,
+    target: PathBuf,
+    sync: bool,
+    ticket: Ticket,
+}
+
+/// Options for an [`AtomicFile`]: durability, permissions, staging directory, buffer.
+///
+/// ```
+/// use custodian::fs::AtomicFile;
+/// use std::io::Write;
+/// # #[cfg(unix)] {
+/// use std::os::unix::fs::PermissionsExt;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("public.txt");
+/// let mut file = AtomicFile::builder()
+///     .permissions(std::fs::Permissions::from_mode(0o644))
+///     .sync(false) // atomic for readers and crashes, not durable across power loss
+///     .create(&path)?;
+/// file.write_all(b"hello")?;
+/// file.commit()?;
+/// assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, 0o644);
+/// # }
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct AtomicFileBuilder {
+    sync: bool,
+    permissions: Option<Permissions>,
+    keep_permissions: bool,
+    temp_dir: Option<PathBuf>,
+    buffer: usize,
+    remove_stale: bool,
+}
+
+impl Default for AtomicFileBuilder {
+    fn default() -> Self {
+        AtomicFileBuilder {
+            sync: true,
+            permissions: None,
+            keep_permissions: true,
+            temp_dir: None,
+            buffer: DEFAULT_BUFFER,
+            remove_stale: imp::CLEANS_STALE,
+        }
+    }
+}
+
+impl AtomicFileBuilder {
+    /// The defaults: durable commit, old permissions kept, temp file next to the target,
+    /// 8 KiB buffer, stale temp files removed.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether `commit` makes the new content durable (`fsync` of the file and of the
+    /// directory; default `true`). With `false` the replacement is still atomic for
+    /// readers and survives a crash of the process, but not a power loss or a kernel
+    /// crash: use it for caches and tests.
+    pub fn sync(&mut self, sync: bool) -> &mut Self {
+        self.sync = sync;
+        self
+    }
+
+    /// The permission bits of the new file, set exactly: a umask that removes group or
+    /// other bits does not apply (one that removes the owner's own bits still does to an
+    /// owner-only mode such as `0o600`). Overrides [`keep_permissions`](Self::keep_permissions).
+    pub fn permissions(&mut self, permissions: Permissions) -> &mut Self {
+        self.permissions = Some(permissions);
+        self
+    }
+
+    /// Whether the new file gets the permission bits of the file it replaces (default
+    /// `true`; when the target is a symbolic link, those of the file it points to). A new
+    /// target gets `0o600`. Unix only: elsewhere the new file gets the default ones.
+    pub fn keep_permissions(&mut self, keep: bool) -> &mut Self {
+        self.keep_permissions = keep;
+        self
+    }
+
+    /// Stages the temp file in `dir` instead of the target's directory. `dir` must be on
+    /// the target's file system, since `rename` cannot cross file systems: `create` checks
+    /// this and fails with [`io::ErrorKind::CrossesDevices`] otherwise.
+    pub fn temp_dir(&mut self, dir: impl Into<PathBuf>) -> &mut Self {
+        self.temp_dir = Some(dir.into());
+        self
+    }
+
+    /// The capacity of the write buffer (default 8 KiB; 0 writes straight through).
+    pub fn buffer_capacity(&mut self, bytes: usize) -> &mut Self {
+        self.buffer = bytes;
+        self
+    }
+
+    /// Whether `create` removes temp files of the same target left by crashed writers
+    /// (default `true` on Unix; a no-op elsewhere). It costs one directory listing per
+    /// `create`: a few microseconds, noticeable only without fsync on a fast file system.
+    pub fn remove_stale(&mut self, remove: bool) -> &mut Self {
+        self.remove_stale = remove && imp::CLEANS_STALE;
+        self
+    }
+
+    /// Starts rewriting `path`: creates the temp file, with the options.
+    ///
+    /// # Errors
+    /// An error naming the path, with the original kind, when `path` has no file name
+    /// (`InvalidInput`), is a directory (`IsADirectory`), cannot be inspected, when the
+    /// staging directory is missing (`NotFound`), not writable (`PermissionDenied`,
+    /// `ReadOnlyFilesystem`), or on another file system (`CrossesDevices`).
+    #[track_caller]
+    pub fn create(&self, path: impl AsRef<Path>) -> io::Result<AtomicFile> {
+        self.create_at(path.as_ref(), Location::caller())
+    }
+
+    fn create_at(&self, target: &Path, site: &'static Location<'static>) -> io::Result<AtomicFile> {
+        let Some(name) = target.file_name() else {
+            return Err(path_error(
+                "cannot rewrite",
+                target,
+                io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
+            ));
+        };
+        let dir = parent_dir(target);
+        let mode = self.mode_for(target)?;
+        let staging = match &self.temp_dir {
+            Some(staging) => {
+                check_same_fs(staging, dir)?;
+                staging.as_path()
+            }
+            None => dir,
+        };
+
+        let prefix = temp_prefix(name);
+        if self.remove_stale {
+            remove_stale(staging, &prefix);
+        }
+        let mut suffix = OsString::from(".");
+        suffix.push(std::process::id().to_string());
+        suffix.push(".tmp");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix).suffix(&suffix).rand_bytes(RAND_LEN);
+        if let Some(mode) = &mode {
+            builder.permissions(mode.clone());
+        }
+        let temp = builder
+            .tempfile_in(staging)
+            .map_err(|e| path_error("cannot create a temp file in", staging, e))?;
+        // Tells `remove_stale` of other writers that this temp file is in use, even when
+        // they cannot see our pid (another pid namespace). A brand-new file: never blocks.
+        let _ = temp.as_file().try_lock();
+        if let Some(mode) = mode.filter(imp::umask_may_change) {
+            // Exactly these bits: the umask applied at creation may have removed some.
+            temp.as_file()
+                .set_permissions(mode)
+                .map_err(|e| path_error("cannot set the permissions of", temp.path(), e))?;
+        }
+        Ok(AtomicFile {
+            temp: Some(BufWriter::with_capacity(self.buffer, temp)),
+            target: target.to_path_buf(),
+            sync: self.sync,
+            ticket: Ticket::at(&KIND, site),
+        })
+    }
+
+    /// The permissions the new file gets; fails if the target is a directory.
+    fn mode_for(&self, target: &Path) -> io::Result<Option<Permissions>> {
+        let existing = match fs::symlink_metadata(target) {
+            Ok(meta) if meta.is_dir() => {
+                return Err(path_error(
+                    "cannot replace",
+                    target,
+                    io::Error::new(io::ErrorKind::IsADirectory, "it is a directory"),
+                ));
+            }
+            Ok(meta) => Some(meta),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(path_error("cannot inspect", target, e)),
+        };
+        if let Some(permissions) = &self.permissions {
+            return Ok(Some(permissions.clone()));
+        }
+        if !self.keep_permissions || !cfg!(unix) {
+            return Ok(None);
+        }
+        Ok(match existing {
+            Some(meta) if meta.file_type().is_symlink() => {
+                fs::metadata(target).ok().map(|m| imp::permissions_of(&m))
+            }
+            Some(meta) => Some(imp::permissions_of(&meta)),
+            None => None,
+        })
+    }
+}
+
+impl AtomicFile {
+    /// Starts rewriting `path` with the default options (durable commit, old permissions
+    /// kept): creates a temp file in the same directory.
+    ///
+    /// ```
+    /// use std::io::Write;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let mut file = custodian::fs::AtomicFile::create(dir.path().join("a.txt"))?;
+    /// file.write_all(b"all or nothing")?;
+    /// file.commit()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`AtomicFileBuilder::create`]: a missing or read-only directory, a target that
+    /// is a directory, ... each naming the path.
+    #[track_caller]
+    pub fn create(path: impl AsRef<Path>) -> io::Result<AtomicFile> {
+        AtomicFileBuilder::new().create_at(path.as_ref(), Location::caller())
+    }
+
+    /// Options: durability, permissions, staging directory, buffer size.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let file = custodian::fs::AtomicFile::builder()
+    ///     .sync(false)
+    ///     .create(dir.path().join("cache.bin"))?;
+    /// file.commit()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn builder() -> AtomicFileBuilder {
+        AtomicFileBuilder::new()
+    }
+
+    /// The file this one replaces on `commit`.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("a.txt");
+    /// let file = custodian::fs::AtomicFile::create(&path)?;
+    /// assert_eq!(file.path(), path);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn path(&self) -> &Path {
+        &self.target
+    }
+
+    /// Where the new content is staged until `commit`.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let file = custodian::fs::AtomicFile::create(dir.path().join("a.txt"))?;
+    /// assert_eq!(file.temp_path().parent(), Some(dir.path()));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn temp_path(&self) -> &Path {
+        self.writer_ref().get_ref().path()
+    }
+
+    /// The temp file, after writing out the buffer (to seek, `set_len`, read back...).
+    ///
+    /// ```
+    /// use std::io::Write;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let mut file = custodian::fs::AtomicFile::create(dir.path().join("a.txt"))?;
+    /// file.write_all(b"12345")?;
+    /// assert_eq!(file.as_file_mut()?.metadata()?.len(), 5);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The flush's error, naming the target.
+    pub fn as_file_mut(&mut self) -> io::Result<&mut File> {
+        self.flush()?;
+        Ok(self.writer_mut().get_mut().as_file_mut())
+    }
+
+    /// Replaces the target with what was written: flush → `fsync` the file → `rename`
+    /// over the target → `fsync` the directory (the two `fsync`s unless
+    /// [`sync(false)`](AtomicFileBuilder::sync)).
+    ///
+    /// ```
+    /// use std::io::Write;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("a.txt");
+    /// let mut file = custodian::fs::AtomicFile::create(&path)?;
+    /// file.write_all(b"new")?;
+    /// file.commit()?;
+    /// assert_eq!(std::fs::read(&path)?, b"new");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// A [`CommitError`] with the error, naming the target, and:
+    /// - when the flush or the rename failed, the `AtomicFile` itself, content intact, to
+    ///   retry ([`CommitError::into_file`]) — e.g. after freeing disk space;
+    /// - when the file's `fsync` failed, no file: after a failed `fsync` the kernel may have
+    ///   dropped the unwritten pages, so the staged content can no longer be trusted; it is
+    ///   removed and the target is untouched;
+    /// - when the directory's `fsync` (or closing the file) failed, no file: the target
+    ///   already has the new content ([`CommitError::is_replaced`]), but the rename may not
+    ///   survive a power loss.
+    pub fn commit(mut self) -> Result<(), CommitError> {
+        let Some(mut writer) = self.temp.take() else {
+            unreachable!("an AtomicFile's temp file is only taken by consuming it")
+        };
+        if let Err(e) = writer.flush() {
+            self.temp = Some(writer);
+            let error = path_error("cannot write the new content of", &self.target, e);
+            return Err(CommitError::kept(error, self));
+        }
+        let capacity = writer.capacity();
+        let (temp, _empty) = writer.into_parts();
+        if self.sync
+            && let Err(e) = temp.as_file().sync_all()
+        {
+            let error = path_error("cannot sync the new content of", &self.target, e);
+            if let Err(rm) = temp.close() {
+                self.ticket.failure(&self.target.display(), &rm);
+            }
+            return Err(CommitError::lost(error, false));
+        }
+        let file = match temp.persist(&self.target) {
+            Ok(file) => file,
+            Err(e) => {
+                self.temp = Some(BufWriter::with_capacity(capacity, e.file));
+                let error = path_error("cannot rename the new content over", &self.target, e.error);
+                return Err(CommitError::kept(error, self));
+            }
+        };
+        if let Err(e) = imp::close(file) {
+            return Err(CommitError::lost(
+                path_error("cannot close the new content of", &self.target, e),
+                true,
+            ));
+        }
+        if self.sync {
+            let dir = parent_dir(&self.target);
+            if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+                return Err(CommitError::lost(
+                    path_error("replaced, but cannot sync the directory", dir, e),
+                    true,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rolls back now: removes the temp file, leaving the target untouched, and returns
+    /// the error of the removal (which `Drop` can only report).
+    ///
+    /// ```
+    /// use std::io::Write;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let mut file = custodian::fs::AtomicFile::create(dir.path().join("a.txt"))?;
+    /// file.write_all(b"draft")?;
+    /// let temp = file.temp_path().to_path_buf();
+    /// file.discard()?;
+    /// assert!(!temp.exists());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The removal's error, naming the temp file.
+    pub fn discard(mut self) -> io::Result<()> {
+        let Some(writer) = self.temp.take() else {
+            unreachable!("an AtomicFile's temp file is only taken by consuming it")
+        };
+        let (temp, _discarded) = writer.into_parts();
+        temp.close()
+            .map_err(|e| path_error("cannot remove the staged copy of", &self.target, e))
+    }
+
+    /// Escape hatch: the temp file, buffer written out, no longer managed (no commit, no
+    /// rollback by this guard; tempfile's own `Drop` still removes it).
+    ///
+    /// ```
+    /// use std::io::Write;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let mut file = custodian::fs::AtomicFile::create(dir.path().join("a.txt"))?;
+    /// file.write_all(b"kept aside")?;
+    /// let temp = custodian::fs::AtomicFile::into_inner(file)?;
+    /// temp.persist(dir.path().join("elsewhere.txt"))?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// When the flush fails: a [`CommitError`] with the `AtomicFile` back.
+    pub fn into_inner(mut this: Self) -> Result<NamedTempFile, CommitError> {
+        let Some(mut writer) = this.temp.take() else {
+            unreachable!("an AtomicFile's temp file is only taken by consuming it")
+        };
+        if let Err(e) = writer.flush() {
+            this.temp = Some(writer);
+            let error = path_error("cannot write the new content of", &this.target, e);
+            return Err(CommitError::kept(error, this));
+        }
+        Ok(writer.into_parts().0)
+    }
+
+    fn writer_ref(&self) -> &BufWriter<NamedTempFile> {
+        match &self.temp {
+            Some(writer) => writer,
+            None => unreachable!("an AtomicFile's temp file is only taken by consuming it"),
+        }
+    }
+
+    fn writer_mut(&mut self) -> &mut BufWriter<NamedTempFile> {
+        match &mut self.temp {
+            Some(writer) => writer,
+            None => unreachable!("an AtomicFile's temp file is only taken by consuming it"),
+        }
+    }
+}
+
+impl Write for AtomicFile {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writer_mut().write(buf)
+    }
+
+    #[inline]
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.writer_mut().write_all(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.writer_mut().write_vectored(bufs)
+    }
+
+    /// Writes out the buffer to the temp file (the target is only replaced by `commit`).
+    fn flush(&mut self) -> io::Result<()> {
+        self.writer_mut().flush()
+    }
+}
+
+/// Seeks within the temp file (after writing out the buffer).
+impl Seek for AtomicFile {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.writer_mut().seek(pos)
+    }
+}
+
+/// Closing an `AtomicFile` commits it.
+///
+/// ```
+/// use custodian::Close;
+/// use std::io::Write;
+///
+/// let dir = tempfile::tempdir()?;
+/// let mut stack = custodian::CleanupStack::new();
+/// let mut file = custodian::fs::AtomicFile::create(dir.path().join("a.txt"))?;
+/// file.write_all(b"committed when the stack closes")?;
+/// stack.push(file);
+/// stack.close()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+impl Close for AtomicFile {
+    type Error = CommitError;
+
+    fn close(self) -> Result<(), CommitError> {
+        self.commit()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if let Some(writer) = self.temp.take() {
+            self.ticket.dropped_without_close(&self.target.display());
+            let (temp, _discarded) = writer.into_parts();
+            if let Err(e) = temp.close() {
+                self.ticket.failure(&self.target.display(), &e);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for AtomicFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AtomicFile")
+            .field("path", &self.target)
+            .field("temp_path", &self.temp.as_ref().map(|w| w.get_ref().path()))
+            .field("sync", &self.sync)
+            .finish()
+    }
+}
+
+/// A failed [`AtomicFile::commit`]: the error (naming the target, original kind kept) and,
+/// when the staged content is still intact, the `AtomicFile` to retry with.
+///
+/// Converting it into an `io::Error` (as `?` does) drops the file, which rolls it back.
+///
+/// ```
+/// use custodian::fs::AtomicFile;
+/// use std::io::Write;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("a.txt");
+/// let mut file = AtomicFile::create(&path)?;
+/// file.write_all(b"precious")?;
+/// std::fs::create_dir(&path)?; // something made the target a directory meanwhile
+///
+/// let err = file.commit().unwrap_err();
+/// assert_eq!(err.error().kind(), std::io::ErrorKind::IsADirectory);
+/// let file = err.into_file().expect("content intact: the rename failed");
+/// std::fs::remove_dir(&path)?;
+/// file.commit()?; // nothing was lost
+/// assert_eq!(std::fs::read(&path)?, b"precious");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct CommitError {
+    error: io::Error,
+    /// Boxed to keep `Result<(), CommitError>` small on the success path.
+    file: Option<Box<AtomicFile>>,
+    replaced: bool,
+}
+
+impl CommitError {
+    fn kept(error: io::Error, file: AtomicFile) -> Self {
+        CommitError {
+            error,
+            file: Some(Box::new(file)),
+            replaced: false,
+        }
+    }
+
+    fn lost(error: io::Error, replaced: bool) -> Self {
+        CommitError {
+            error,
+            file: None,
+            replaced,
+        }
+    }
+
+    /// What went wrong.
+    pub fn error(&self) -> &io::Error {
+        &self.error
+    }
+
+    /// The `AtomicFile`, content intact, when the flush or the rename failed.
+    pub fn file(&self) -> Option<&AtomicFile> {
+        self.file.as_deref()
+    }
+
+    /// Takes the `AtomicFile` back, when the flush or the rename failed.
+    pub fn into_file(self) -> Option<AtomicFile> {
+        self.file.map(|file| *file)
+    }
+
+    /// The error and the `AtomicFile`, if it came back.
+    pub fn into_parts(self) -> (io::Error, Option<AtomicFile>) {
+        (self.error, self.file.map(|file| *file))
+    }
+
+    /// Whether the target already has the new content (the rename was done; closing the
+    /// file or syncing the directory failed, so it may not survive a power loss).
+    pub fn is_replaced(&self) -> bool {
+        self.replaced
+    }
+}
+
+impl fmt::Debug for CommitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommitError")
+            .field("error", &self.error)
+            .field("file", &self.file)
+            .field("replaced", &self.replaced)
+            .finish()
+    }
+}
+
+impl fmt::Display for CommitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for CommitError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+/// Keeps the error; the `AtomicFile`, if any, is dropped (rolled back).
+impl From<CommitError> for io::Error {
+    fn from(e: CommitError) -> io::Error {
+        e.error
+    }
+}
+
+/// The directory `path` is in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Fails with `CrossesDevices` if `staging` is not on `dir`'s file system.
+fn check_same_fs(staging: &Path, dir: &Path) -> io::Result<()> {
+    let staging_meta =
+        fs::metadata(staging).map_err(|e| path_error("cannot inspect the temp dir", staging, e))?;
+    let dir_meta = fs::metadata(dir).map_err(|e| path_error("cannot inspect", dir, e))?;
+    if imp::same_device(&staging_meta, &dir_meta) {
+        Ok(())
+    } else {
+        Err(path_error(
+            "cannot stage the new file in",
+            staging,
+            io::Error::new(
+                io::ErrorKind::CrossesDevices,
+                format!(
+                    "it is on another file system than {}, so the rename could not be atomic",
+                    dir.display()
+                ),
+            ),
+        ))
+    }
+}
+
+/// `.<name>.`: the start of every temp file's name for target `name`.
+fn temp_prefix(name: &OsStr) -> OsString {
+    let mut prefix = OsString::from(".");
+    if name.len() <= MAX_NAME_IN_TEMP {
+        prefix.push(name);
+    } else {
+        let lossy = name.to_string_lossy();
+        let mut end = MAX_NAME_IN_TEMP;
+        while !lossy.is_char_boundary(end) {
+            end -= 1;
+        }
+        prefix.push(&lossy[..end]);
+    }
+    prefix.push(".");
+    prefix
+}
+
+/// The writer's pid if `file_name` is `<prefix><random>.<pid>.tmp`.
+fn stale_candidate(file_name: &OsStr, prefix: &OsStr) -> Option<u32> {
+    let rest = file_name
+        .as_encoded_bytes()
+        .strip_prefix(prefix.as_encoded_bytes())?
+        .strip_suffix(b".tmp")?;
+    let (random, pid) = rest.split_at_checked(RAND_LEN)?;
+    if !random.iter().all(u8::is_ascii_alphanumeric) {
+        return None;
+    }
+    let pid = pid.strip_prefix(b".")?;
+    if pid.is_empty() || !pid.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(pid).ok()?.parse().ok()
+}
+
+/// Removes temp files for the same target whose writer is gone: no process with their pid,
+/// and not locked. Best effort: a failure is reported as a `warn` event, never fails the
+/// new write.
+fn remove_stale(staging: &Path, prefix: &OsStr) {
+    let Ok(entries) = fs::read_dir(staging) else {
+        return; // creating the temp file reports the problem with the directory
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = stale_candidate(&name, prefix) else {
+            continue;
+        };
+        if imp::process_may_exist(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let mut options = fs::OpenOptions::new();
+        let Ok(file) = imp::no_follow(options.read(true)).open(&path) else {
+            continue;
+        };
+        if file.try_lock().is_err() {
+            continue; // a live writer we cannot see (another pid namespace)
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::debug!(
+                target: "custodian",
+                kind = KIND.name(),
+                resource = %path.display(),
+                pid,
+                "removed a temp file left by a crashed writer"
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                target: "custodian",
+                kind = KIND.name(),
+                resource = %path.display(),
+                error = %e,
+                "cannot remove a temp file left by a crashed writer"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_parse_back_to_their_pid() {
+        let prefix = temp_prefix(OsStr::new("app.toml"));
+        assert_eq!(prefix, ".app.toml.");
+        assert_eq!(
+            stale_candidate(OsStr::new(".app.toml.aZ09xy.4242.tmp"), &prefix),
+            Some(4242)
+        );
+        for other in [
+            ".app.toml.aZ09xy.tmp",
+            ".app.toml.aZ09x.4242.tmp",
+            ".app.toml.aZ0-xy.4242.tmp",
+            ".app.toml.aZ09xy.42a2.tmp",
+            ".app.toml.aZ09xy.4242",
+            ".app.toml.b.aZ09xy.4242.tmp",
+            "app.toml",
+        ] {
+            assert_eq!(stale_candidate(OsStr::new(other), &prefix), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn long_names_are_cut_on_a_char_boundary() {
+        let name = "é".repeat(100); // 200 bytes
+        let prefix = temp_prefix(OsStr::new(&name));
+        assert!(prefix.len() <= MAX_NAME_IN_TEMP + 2);
+        assert!(prefix.to_str().is_some());
+    }
+
+    #[test]
+    fn bare_names_live_in_the_current_directory() {
+        assert_eq!(parent_dir(Path::new("a.txt")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("/etc/a.txt")), Path::new("/etc"));
+    }
+}

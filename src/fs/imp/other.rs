@@ -1,0 +1,71 @@
+//! Non-Unix platforms: the weaker behaviour documented on each guard.
+
+use std::fs::{File, Metadata, OpenOptions, Permissions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+/// Whether the result of closing a descriptor is visible on this platform.
+pub(crate) const CHECKS_CLOSE: bool = false;
+
+/// Closes `file`. The result of closing the handle is not visible through std here.
+pub(crate) fn close(file: File) -> io::Result<()> {
+    drop(file);
+    Ok(())
+}
+
+/// No `O_NOFOLLOW` here: options unchanged.
+pub(crate) fn no_follow(options: &mut OpenOptions) -> &mut OpenOptions {
+    options
+}
+
+/// No Unix modes here: options unchanged.
+pub(crate) fn create_mode(options: &mut OpenOptions, _mode: u32) -> &mut OpenOptions {
+    options
+}
+
+/// No stable file identity in std here: every file compares equal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileId;
+
+impl FileId {
+    pub(crate) fn of(_meta: &Metadata) -> FileId {
+        FileId
+    }
+}
+
+/// No stable device id in std here: assumed the same (the rename reports otherwise).
+pub(crate) fn same_device(_a: &Metadata, _b: &Metadata) -> bool {
+    true
+}
+
+/// Writes `bytes` at offset 0 (moves the cursor).
+pub(crate) fn write_at_start(mut file: &File, bytes: &[u8]) -> io::Result<()> {
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(bytes)
+}
+
+/// Reads from offset 0 (moves the cursor).
+pub(crate) fn read_at_start(mut file: &File, buf: &mut [u8]) -> io::Result<usize> {
+    file.seek(SeekFrom::Start(0))?;
+    file.read(buf)
+}
+
+/// The permissions of `meta`.
+pub(crate) fn permissions_of(meta: &Metadata) -> Permissions {
+    meta.permissions()
+}
+
+/// No umask here.
+pub(crate) fn umask_may_change(_permissions: &Permissions) -> bool {
+    false
+}
+
+/// Unknown here: assume the process exists, so nothing is removed.
+pub(crate) fn process_may_exist(_pid: u32) -> bool {
+    true
+}
+
+/// Whether removing files of crashed writers is supported here.
+pub(crate) const CLEANS_STALE: bool = false;
+
+/// Whether a lock file's identity can be re-checked (and so safely unlinked) here.
+pub(crate) const CHECKS_IDENTITY: bool = false;

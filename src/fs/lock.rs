@@ -1,0 +1,624 @@
+//! `LockFile`: "only one process does this", with `flock`, the owner's pid recorded and
+//! the unlink race closed.
+
+use std::error::Error;
+use std::fmt;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Write};
+use std::panic::Location;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::imp::{self, FileId};
+use super::path_error;
+use crate::Close;
+use crate::ledger::{Kind, Ticket};
+
+static KIND: Kind = Kind::new("custodian::fs::LockFile");
+
+/// The longest sleep between two attempts of [`LockFile::acquire_timeout`].
+const MAX_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A lock file: an `flock` on a file at a path, for "only one process does this" (a
+/// daemon's pid file, a cache directory, a migration).
+///
+/// Exclusive by default, shared with [`LockOptions::shared`]. An exclusive holder writes
+/// its pid into the file, so that a process that finds the lock taken can say who holds
+/// it ([`LockHeld`]). Released by [`close`](LockFile::close) or `Drop`: the file is
+/// removed (or, with [`LockOptions::remove_on_release`]`(false)`, emptied) **while the
+/// lock is still held and only if the path still names the file we locked**, then
+/// unlocked.
+///
+/// ```
+/// use custodian::fs::LockFile;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("daemon.pid");
+///
+/// let lock = LockFile::acquire(&path)?;
+/// assert_eq!(std::fs::read_to_string(&path)?, format!("{}\n", std::process::id()));
+/// assert!(LockFile::try_acquire(&path)?.is_none()); // taken (even within a process)
+/// lock.close()?;
+/// assert!(!path.exists());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # The unlink race
+/// Removing a lock file on release opens a race in naive implementations: B opens the
+/// file, A unlinks it and unlocks, B locks the now nameless file, C creates a new file at
+/// the path and locks it — B and C both "hold" the lock. `LockFile` closes it: after
+/// locking, it checks that the path still names the inode it locked (otherwise it retries
+/// on the new file), and it unlinks only while holding the lock and only if the path
+/// still names its own inode.
+///
+/// # Crashes
+/// The kernel releases an `flock` when its holder dies, so a pid file left by a killed
+/// process does not block anyone: the next `acquire` takes the lock at once and writes its
+/// own pid.
+///
+/// # NFS and other platforms
+/// On Linux, `flock` on NFS is emulated with whole-file POSIX (`fcntl`) locks, coordinated
+/// by the server: it works across clients but conflicts with POSIX locks a program takes
+/// on the same file, a recorded pid is meaningless on another host, and a client that
+/// loses its lease can lose the lock silently. Other systems' NFS clients may lock only
+/// locally. Prefer a local file system for lock files.
+/// Off Unix, the file's identity is not re-checked and the file is never removed (only
+/// emptied); locks there are mandatory, so others cannot read the pid while it is held.
+#[must_use = "dropping a LockFile releases the lock at once"]
+pub struct LockFile {
+    /// `None` once released (by `close`, `Drop` or `into_inner`).
+    file: Option<File>,
+    path: PathBuf,
+    id: FileId,
+    shared: bool,
+    remove: bool,
+    ticket: Ticket,
+}
+
+/// Options for a [`LockFile`]: shared or exclusive, remove or keep the file on release.
+///
+/// ```
+/// use custodian::fs::LockFile;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("cache.lock");
+/// let readers = LockFile::options().shared(true).clone();
+/// let a = readers.acquire(&path)?;
+/// let b = readers.acquire(&path)?; // shared locks coexist
+/// assert!(LockFile::try_acquire(&path)?.is_none()); // but exclude a writer
+/// drop((a, b));
+/// assert!(LockFile::try_acquire(&path)?.is_some());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct LockOptions {
+    shared: bool,
+    remove: bool,
+}
+
+impl Default for LockOptions {
+    fn default() -> Self {
+        LockOptions {
+            shared: false,
+            remove: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Wait {
+    Block,
+    Try,
+    Until(Instant),
+}
+
+impl LockOptions {
+    /// Exclusive, file removed on release.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the lock is shared (many holders at once, no exclusive one; no pid
+    /// recorded) or exclusive (default).
+    pub fn shared(&mut self, shared: bool) -> &mut Self {
+        self.shared = shared;
+        self
+    }
+
+    /// Whether releasing the lock removes the file (default `true`) or only empties it
+    /// (so that no stale pid is left in it). A shared holder removes the file only when it
+    /// is the last holder.
+    pub fn remove_on_release(&mut self, remove: bool) -> &mut Self {
+        self.remove = remove;
+        self
+    }
+
+    /// Takes the lock, waiting as long as it takes.
+    ///
+    /// # Errors
+    /// Opening, locking or writing the pid failed: a missing directory (`NotFound`), no
+    /// permission (`PermissionDenied`), a symbolic link at `path` (`ELOOP`: never
+    /// followed), ... each naming the path.
+    #[track_caller]
+    pub fn acquire(&self, path: impl AsRef<Path>) -> io::Result<LockFile> {
+        let lock = self.lock(path.as_ref(), Wait::Block, Location::caller())?;
+        Ok(lock.expect("a blocking acquire never gives up"))
+    }
+
+    /// Takes the lock if it is free now; `Ok(None)` if someone holds it (see
+    /// [`LockFile::owner_pid`] for who).
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire).
+    #[track_caller]
+    pub fn try_acquire(&self, path: impl AsRef<Path>) -> io::Result<Option<LockFile>> {
+        self.lock(path.as_ref(), Wait::Try, Location::caller())
+    }
+
+    /// Takes the lock, waiting at most `timeout` (polling, with a backoff up to 50 ms).
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire), and when the lock is still held after `timeout`: an
+    /// error of kind [`io::ErrorKind::WouldBlock`] whose inner error is a [`LockHeld`]
+    /// naming the path and the holder's pid ("lock file /run/app.pid is held by pid 4242").
+    #[track_caller]
+    pub fn acquire_timeout(
+        &self,
+        path: impl AsRef<Path>,
+        timeout: Duration,
+    ) -> io::Result<LockFile> {
+        let path = path.as_ref();
+        let start = Instant::now();
+        let deadline = start.checked_add(timeout);
+        let wait = deadline.map_or(Wait::Block, Wait::Until);
+        match self.lock(path, wait, Location::caller()) {
+            Ok(Some(lock)) => Ok(lock),
+            Ok(None) => Err(LockHeld::new(
+                path,
+                LockFile::owner_pid(path).ok().flatten(),
+                start.elapsed(),
+            )
+            .into()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lock(
+        &self,
+        path: &Path,
+        wait: Wait,
+        site: &'static Location<'static>,
+    ) -> io::Result<Option<LockFile>> {
+        loop {
+            let file = open(path)?;
+            if !lock(&file, self.shared, wait).map_err(|e| path_error("cannot lock", path, e))? {
+                return Ok(None);
+            }
+            let meta = file
+                .metadata()
+                .map_err(|e| path_error("cannot inspect the lock file", path, e))?;
+            let id = FileId::of(&meta);
+            if imp::CHECKS_IDENTITY {
+                match fs::symlink_metadata(path) {
+                    Ok(now) if FileId::of(&now) == id => {}
+                    // Released and removed (or replaced) between our open and our lock: the
+                    // lock we hold is on a file nobody else will look at. Retry on the new one.
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(path_error("cannot inspect", path, e)),
+                }
+            }
+            if !self.shared {
+                record_pid(&file, meta.len())
+                    .map_err(|e| path_error("cannot write our pid into", path, e))?;
+            }
+            return Ok(Some(LockFile {
+                file: Some(file),
+                path: path.to_path_buf(),
+                id,
+                shared: self.shared,
+                remove: self.remove,
+                ticket: Ticket::at(&KIND, site),
+            }));
+        }
+    }
+}
+
+impl LockFile {
+    /// Takes the exclusive lock at `path`, waiting as long as it takes; the file is created
+    /// if needed (mode `0o644`, a symbolic link at `path` is refused).
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let lock = custodian::fs::LockFile::acquire(dir.path().join("job.lock"))?;
+    /// // ... only one process runs this ...
+    /// lock.close()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`LockOptions::acquire`].
+    #[track_caller]
+    pub fn acquire(path: impl AsRef<Path>) -> io::Result<LockFile> {
+        let lock = LockOptions::new().lock(path.as_ref(), Wait::Block, Location::caller())?;
+        Ok(lock.expect("a blocking acquire never gives up"))
+    }
+
+    /// Takes the exclusive lock if it is free now; `Ok(None)` if it is held.
+    ///
+    /// ```
+    /// use custodian::fs::LockFile;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("job.lock");
+    /// let first = LockFile::try_acquire(&path)?.expect("free");
+    /// assert!(LockFile::try_acquire(&path)?.is_none());
+    /// assert_eq!(LockFile::owner_pid(&path)?, Some(std::process::id()));
+    /// # drop(first);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`LockOptions::acquire`].
+    #[track_caller]
+    pub fn try_acquire(path: impl AsRef<Path>) -> io::Result<Option<LockFile>> {
+        LockOptions::new().lock(path.as_ref(), Wait::Try, Location::caller())
+    }
+
+    /// Takes the exclusive lock, waiting at most `timeout`.
+    ///
+    /// ```
+    /// use custodian::fs::{LockFile, LockHeld};
+    /// use std::time::Duration;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("job.lock");
+    /// let _held = LockFile::acquire(&path)?;
+    /// let err = LockFile::acquire_timeout(&path, Duration::from_millis(20)).unwrap_err();
+    /// assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+    /// assert_eq!(LockHeld::of(&err).unwrap().pid(), Some(std::process::id()));
+    /// assert!(err.to_string().contains(&format!("held by pid {}", std::process::id())));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`LockOptions::acquire_timeout`]: a [`LockHeld`] (kind `WouldBlock`) naming the
+    /// holder's pid when the time is up.
+    #[track_caller]
+    pub fn acquire_timeout(path: impl AsRef<Path>, timeout: Duration) -> io::Result<LockFile> {
+        LockOptions::new().acquire_timeout(path, timeout)
+    }
+
+    /// Options: shared, keep the file on release.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("pid");
+    /// let lock = custodian::fs::LockFile::options().remove_on_release(false).acquire(&path)?;
+    /// lock.close()?;
+    /// assert_eq!(std::fs::read(&path)?, b""); // kept, emptied
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn options() -> LockOptions {
+        LockOptions::new()
+    }
+
+    /// The pid recorded in the lock file at `path` by its exclusive holder, if any. The
+    /// process may have died since (then the lock is free).
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("pid");
+    /// assert_eq!(custodian::fs::LockFile::owner_pid(&path)?, None);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// Reading the file failed (other than it not existing), naming the path.
+    pub fn owner_pid(path: impl AsRef<Path>) -> io::Result<Option<u32>> {
+        let path = path.as_ref();
+        let mut options = OpenOptions::new();
+        let file = match imp::no_follow(options.read(true)).open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(path_error("cannot read the lock file", path, e)),
+        };
+        let mut buf = [0; 24];
+        let n = imp::read_at_start(&file, &mut buf)
+            .map_err(|e| path_error("cannot read the lock file", path, e))?;
+        Ok(std::str::from_utf8(&buf[..n])
+            .ok()
+            .and_then(|s| s.trim().parse().ok()))
+    }
+
+    /// The lock file's path.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("job.lock");
+    /// assert_eq!(custodian::fs::LockFile::acquire(&path)?.path(), path);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether this is a shared lock.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let lock = custodian::fs::LockFile::acquire(dir.path().join("job.lock"))?;
+    /// assert!(!lock.is_shared());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// The locked file (to read it, or to store more than the pid in it).
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let lock = custodian::fs::LockFile::acquire(dir.path().join("job.lock"))?;
+    /// assert!(lock.as_file().metadata()?.len() > 0); // our pid
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn as_file(&self) -> &File {
+        match &self.file {
+            Some(file) => file,
+            None => unreachable!("a LockFile's file is only taken by consuming it"),
+        }
+    }
+
+    /// Releases the lock now: removes (or empties) the file if it is still ours, unlocks,
+    /// closes; returns what went wrong.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("job.lock");
+    /// custodian::fs::LockFile::acquire(&path)?.close()?;
+    /// assert!(!path.exists());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// Removing or emptying the file, unlocking or closing failed, naming the path. The
+    /// lock is released anyway.
+    pub fn close(mut self) -> io::Result<()> {
+        self.release()
+    }
+
+    /// Escape hatch: the locked file, still locked, no longer managed (nothing is removed;
+    /// the lock goes when the file is closed).
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("job.lock");
+    /// let file = custodian::fs::LockFile::into_inner(custodian::fs::LockFile::acquire(&path)?);
+    /// drop(file);
+    /// assert!(path.exists()); // left in place
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn into_inner(mut this: Self) -> File {
+        match this.file.take() {
+            Some(file) => file,
+            None => unreachable!("a LockFile's file is only taken by consuming it"),
+        }
+    }
+
+    fn release(&mut self) -> io::Result<()> {
+        let Some(file) = self.file.take() else {
+            return Ok(());
+        };
+        let mut result = Ok(());
+        let removes = self.remove && imp::CHECKS_IDENTITY;
+        // A shared holder may touch the file only when it is the last one: then the
+        // upgrade to exclusive succeeds, and nobody else can hold the lock meanwhile.
+        let sole_holder = !self.shared || (removes && file.try_lock().is_ok());
+        if sole_holder {
+            if removes {
+                match fs::symlink_metadata(&self.path) {
+                    Ok(meta) if FileId::of(&meta) == self.id => {
+                        if let Err(e) = fs::remove_file(&self.path) {
+                            result = Err(path_error("cannot remove the lock file", &self.path, e));
+                        }
+                    }
+                    // Replaced or removed by someone else: not ours to remove.
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        result = Err(path_error("cannot inspect the lock file", &self.path, e))
+                    }
+                }
+            } else if !self.shared
+                && let Err(e) = file.set_len(0)
+            {
+                result = Err(path_error("cannot empty the lock file", &self.path, e));
+            }
+        }
+        let unlocked = file
+            .unlock()
+            .map_err(|e| path_error("cannot unlock", &self.path, e));
+        let closed =
+            imp::close(file).map_err(|e| path_error("cannot close the lock file", &self.path, e));
+        result.and(unlocked).and(closed)
+    }
+}
+
+/// Closing a `LockFile` releases it.
+///
+/// ```
+/// let dir = tempfile::tempdir()?;
+/// let mut stack = custodian::CleanupStack::new();
+/// stack.push(custodian::fs::LockFile::acquire(dir.path().join("job.lock"))?);
+/// stack.close()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+impl Close for LockFile {
+    type Error = io::Error;
+
+    fn close(self) -> io::Result<()> {
+        LockFile::close(self)
+    }
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            self.ticket.dropped_without_close(&self.path.display());
+            if let Err(e) = self.release() {
+                self.ticket.failure(&self.path.display(), &e);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for LockFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockFile")
+            .field("path", &self.path)
+            .field("shared", &self.shared)
+            .field("remove_on_release", &self.remove)
+            .finish()
+    }
+}
+
+/// The lock is held by another process (or another `LockFile` in this one): the path,
+/// and the holder's pid when it recorded one.
+///
+/// The inner error of the `io::Error` (kind [`io::ErrorKind::WouldBlock`]) returned by
+/// [`LockFile::acquire_timeout`] when the time is up; get it with [`LockHeld::of`].
+///
+/// ```
+/// use custodian::fs::{LockFile, LockHeld};
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("job.lock");
+/// let _held = LockFile::acquire(&path)?;
+/// let err = LockFile::acquire_timeout(&path, std::time::Duration::ZERO).unwrap_err();
+/// let held = LockHeld::of(&err).unwrap();
+/// assert_eq!(held.path(), path);
+/// assert_eq!(held.pid(), Some(std::process::id()));
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct LockHeld {
+    path: PathBuf,
+    pid: Option<u32>,
+    waited: Duration,
+}
+
+impl LockHeld {
+    fn new(path: &Path, pid: Option<u32>, waited: Duration) -> Self {
+        LockHeld {
+            path: path.to_path_buf(),
+            pid,
+            waited,
+        }
+    }
+
+    /// The `LockHeld` inside `error`, if it is one.
+    pub fn of(error: &io::Error) -> Option<&LockHeld> {
+        error.get_ref()?.downcast_ref()
+    }
+
+    /// The lock file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pid the holder recorded: `None` for shared holders, or if it had not written it
+    /// yet.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// How long the acquire waited before giving up.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}
+
+impl fmt::Display for LockHeld {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "lock file {} is held by ", self.path.display())?;
+        match self.pid {
+            Some(pid) => write!(f, "pid {pid}")?,
+            None => write!(f, "another process (no pid recorded)")?,
+        }
+        write!(f, " (waited {:?})", self.waited)
+    }
+}
+
+impl Error for LockHeld {}
+
+/// An `io::Error` of kind `WouldBlock` holding the `LockHeld`.
+impl From<LockHeld> for io::Error {
+    fn from(held: LockHeld) -> io::Error {
+        io::Error::new(io::ErrorKind::WouldBlock, held)
+    }
+}
+
+/// Opens (creating if needed) the lock file, refusing a symbolic link.
+fn open(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true);
+    imp::create_mode(&mut options, 0o644);
+    imp::no_follow(&mut options)
+        .open(path)
+        .map_err(|e| path_error("cannot open the lock file", path, e))
+}
+
+/// Locks `file`; `false` when the lock stayed held (never for `Wait::Block`).
+fn lock(file: &File, shared: bool, wait: Wait) -> io::Result<bool> {
+    let try_lock = || {
+        let result = if shared {
+            file.try_lock_shared()
+        } else {
+            file.try_lock()
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(TryLockError::WouldBlock) => Ok(false),
+            Err(TryLockError::Error(e)) => Err(e),
+        }
+    };
+    match wait {
+        Wait::Block => {
+            if shared {
+                file.lock_shared()?;
+            } else {
+                file.lock()?;
+            }
+            Ok(true)
+        }
+        Wait::Try => try_lock(),
+        Wait::Until(deadline) => {
+            let mut backoff = Duration::from_millis(1);
+            loop {
+                if try_lock()? {
+                    return Ok(true);
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Ok(false);
+                }
+                std::thread::sleep(backoff.min(deadline - now));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Writes `<pid>\n` at the start of the locked file, cutting what a previous holder left.
+fn record_pid(file: &File, old_len: u64) -> io::Result<()> {
+    let mut buf = [0u8; 16];
+    let mut rest = &mut buf[..];
+    writeln!(rest, "{}", std::process::id())?;
+    let len = 16 - rest.len();
+    imp::write_at_start(file, &buf[..len])?;
+    if old_len > len as u64 {
+        file.set_len(len as u64)?;
+    }
+    Ok(())
+}

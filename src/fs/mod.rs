@@ -1,0 +1,164 @@
+//! Files that never lose data or an error: atomic replacement, lock files, checked close,
+//! and temporary files whose removal errors are reported.
+//!
+//! Use this module when:
+//! - a file must be replaced so that a reader or a crash sees the old content or the new
+//!   one, never a torn mix: [`AtomicFile`] (write to a temp file in the same directory,
+//!   then flush, fsync, rename, fsync the directory);
+//! - only one process may do something (a daemon's pid file, a cache directory):
+//!   [`LockFile`] (`flock`, owner pid recorded, safe against the unlink race);
+//! - the errors `std::fs::File`'s `Drop` throws away matter (NFS, full disks):
+//!   [`CheckedFile`] (`close` reports flush, fsync and `close(2)` errors);
+//! - a temporary directory or file must go away, and a failure to remove it must be seen:
+//!   [`TempDir`] and [`TempFile`] (tempfile's, wrapped).
+//!
+//! ```
+//! use custodian::fs::AtomicFile;
+//! use std::io::Write;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let config = dir.path().join("app.toml");
+//! std::fs::write(&config, "port = 80\n")?;
+//!
+//! let mut file = AtomicFile::create(&config)?;
+//! file.write_all(b"port = 8080\n")?;
+//! // Until `commit`, readers (and a crash) see the old content.
+//! assert_eq!(std::fs::read_to_string(&config)?, "port = 80\n");
+//! file.commit()?;
+//! assert_eq!(std::fs::read_to_string(&config)?, "port = 8080\n");
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! Every guard carries a [`Ticket`](crate::ledger::Ticket) in the ledger (kinds
+//! `custodian::fs::AtomicFile`, `::LockFile`, `::CheckedFile`, `::TempDir`, `::TempFile`);
+//! a cleanup that fails in `Drop` becomes a tracing `error` event naming the path, and a
+//! `failed` count.
+//!
+//! Errors name the path they concern and keep the original [`io::ErrorKind`]; the
+//! original error is their [`source`](std::error::Error::source).
+//!
+//! # Platforms
+//! Unix is the reference. Elsewhere the guards compile with weaker, documented behaviour:
+//! [`CheckedFile`] cannot see the result of closing the handle, [`LockFile`] does not
+//! re-check the file's identity nor remove it, and [`AtomicFile`] never removes temp
+//! files left by crashed writers.
+
+mod atomic;
+mod checked;
+mod imp;
+mod lock;
+mod temp;
+
+pub use atomic::{AtomicFile, AtomicFileBuilder, CommitError};
+pub use checked::CheckedFile;
+pub use lock::{LockFile, LockHeld, LockOptions};
+pub use temp::{TempDir, TempFile};
+
+use std::error::Error;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// An I/O error that names the path it concerns, wrapped in an `io::Error` of the same kind.
+#[derive(Debug)]
+struct PathError {
+    what: &'static str,
+    path: PathBuf,
+    source: io::Error,
+}
+
+impl fmt::Display for PathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.what, self.path.display(), self.source)
+    }
+}
+
+impl Error for PathError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// `error`, saying what was done (`what`, a phrase ending before the path) to `path`,
+/// with its kind kept.
+#[cold]
+pub(crate) fn path_error(what: &'static str, path: &Path, error: io::Error) -> io::Error {
+    io::Error::new(
+        error.kind(),
+        PathError {
+            what,
+            path: path.to_path_buf(),
+            source: error,
+        },
+    )
+}
+
+/// A flush that failed on the way out of a guard: the error, and the guard with its
+/// unwritten data (like [`std::io::IntoInnerError`]).
+///
+/// Returned by [`CheckedFile::into_inner`].
+///
+/// ```
+/// use custodian::fs::CheckedFile;
+/// use std::io::Write;
+///
+/// let mut file = CheckedFile::create("/dev/full")?;
+/// file.write_all(b"buffered")?;
+/// let err = CheckedFile::into_inner(file).unwrap_err();
+/// assert_eq!(err.error().kind(), std::io::ErrorKind::StorageFull);
+/// let file = err.into_inner(); // the buffered bytes are still in there
+/// # drop(file);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct IntoInnerError<G> {
+    error: io::Error,
+    guard: G,
+}
+
+impl<G> IntoInnerError<G> {
+    pub(crate) fn new(error: io::Error, guard: G) -> Self {
+        IntoInnerError { error, guard }
+    }
+
+    /// The error of the flush.
+    pub fn error(&self) -> &io::Error {
+        &self.error
+    }
+
+    /// The guard, with its unwritten data, to retry or to drop.
+    pub fn into_inner(self) -> G {
+        self.guard
+    }
+
+    /// The error and the guard.
+    pub fn into_parts(self) -> (io::Error, G) {
+        (self.error, self.guard)
+    }
+}
+
+impl<G> fmt::Debug for IntoInnerError<G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IntoInnerError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<G> fmt::Display for IntoInnerError<G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl<G> Error for IntoInnerError<G> {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// Drops the guard (running its cleanup) and keeps the error.
+impl<G> From<IntoInnerError<G>> for io::Error {
+    fn from(e: IntoInnerError<G>) -> io::Error {
+        e.error
+    }
+}
