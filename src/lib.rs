@@ -58,12 +58,17 @@
 mod close;
 mod error;
 pub mod ledger;
+#[cfg(unix)]
+pub mod net;
+#[cfg(unix)]
+pub mod process;
 mod rollback;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub mod rt;
 mod scope;
 mod stack;
+pub mod sync;
 
 pub use close::Close;
 pub use error::{BoxError, CleanupError, CleanupErrors};
