@@ -7,6 +7,8 @@ use std::marker::PhantomData;
 use std::panic::Location;
 use std::ptr::NonNull;
 
+use smallvec::SmallVec;
+
 use crate::Close;
 use crate::error::{BoxError, CleanupError, CleanupErrors, run_caught};
 use crate::ledger::Kind;
@@ -91,7 +93,7 @@ struct Entry<'a, E> {
 /// `'a` is how long the cleanups may borrow from: closures can capture references to
 /// local variables that outlive the `scope` call.
 pub struct Scope<'a, E> {
-    entries: RefCell<Vec<Entry<'a, E>>>,
+    entries: RefCell<SmallVec<[Entry<'a, E>; 4]>>,
     /// The scope owns the boxed cleanups behind the raw pointers (for drop check).
     _owns: PhantomData<Box<dyn Cleanup<'a, E> + 'a>>,
 }
@@ -110,7 +112,12 @@ pub struct Scope<'a, E> {
 /// A [`ScopeError`] when the body returned `Err` or any cleanup failed. It holds the
 /// body's error and **every** cleanup failure, in the order they ran (Java's suppressed
 /// exceptions), unlike Python's `ExitStack`, which keeps only the last when several
-/// callbacks fail.
+/// callbacks fail. When the body returned `Ok` but a cleanup failed, the body's value
+/// is dropped: the work it describes was not cleanly finished.
+///
+/// `ScopeError<std::io::Error>` converts into `std::io::Error` (keeping the body's
+/// error kind, or the first failed cleanup's), so `?` works in functions returning
+/// `io::Result`.
 ///
 /// # Panics
 /// A panic in the body goes on after the cleanups ran. A panic in a cleanup is caught
@@ -136,7 +143,7 @@ where
     F: FnOnce(&Scope<'a, E>) -> Result<T, E>,
 {
     let mut scope = Scope {
-        entries: RefCell::new(Vec::new()),
+        entries: RefCell::new(SmallVec::new()),
         _owns: PhantomData,
     };
     // If `body` panics, `scope` is dropped during the unwind and runs the cleanups with
@@ -310,13 +317,12 @@ impl<E> Drop for Scope<'_, E> {
 
 fn report_during_unwind(e: &CleanupError) {
     KIND.count_failure();
-    tracing::error!(
-        target: "custodian",
-        kind = KIND.name(),
-        site = %e.site(),
-        resource = e.label(),
-        error = %e,
-        "cleanup failed during a panic"
+    crate::ledger::events::failure(
+        "cleanup failed during a panic",
+        KIND.name(),
+        e.site(),
+        &e.label(),
+        e,
     );
 }
 
@@ -391,6 +397,43 @@ impl<E: Error + 'static> Error for ScopeError<E> {
                 .iter()
                 .next()
                 .map(|e| e as &(dyn Error + 'static)),
+        }
+    }
+}
+
+/// Keeps the body's error as it is when it is the only failure; otherwise wraps the whole
+/// `ScopeError` (so that no cleanup failure is lost) in an `io::Error` of the body's
+/// kind, or of the first failed cleanup's kind when it was an `io::Error`.
+///
+/// ```
+/// fn write_report(path: &std::path::Path) -> std::io::Result<()> {
+///     custodian::scope(|s| {
+///         s.defer_fallible(|| std::fs::remove_file("/no/such/scratch"));
+///         std::fs::write(path, "done")
+///     })?;
+///     Ok(())
+/// }
+/// let dir = tempfile::tempdir()?;
+/// let err = write_report(&dir.path().join("r")).unwrap_err();
+/// assert_eq!(err.kind(), std::io::ErrorKind::NotFound); // the cleanup's kind
+/// # Ok::<(), std::io::Error>(())
+/// ```
+impl From<ScopeError<std::io::Error>> for std::io::Error {
+    fn from(e: ScopeError<std::io::Error>) -> std::io::Error {
+        let kind = match (&e.body, e.cleanup.iter().next()) {
+            (Some(body), _) => body.kind(),
+            (None, Some(first)) => first
+                .error()
+                .and_then(|err| err.downcast_ref::<std::io::Error>())
+                .map_or(std::io::ErrorKind::Other, std::io::Error::kind),
+            (None, None) => std::io::ErrorKind::Other,
+        };
+        match e {
+            ScopeError {
+                body: Some(body),
+                cleanup,
+            } if cleanup.is_empty() => body,
+            e => std::io::Error::new(kind, e),
         }
     }
 }

@@ -3,12 +3,17 @@
 use std::fmt;
 use std::mem;
 use std::panic::Location;
+use std::panic::{self, AssertUnwindSafe};
+
+use smallvec::SmallVec;
 
 use crate::Close;
-use crate::error::{BoxError, CleanupErrors, run_caught};
+use crate::error::{BoxError, CleanupError, CleanupErrors};
 use crate::ledger::{Kind, Ticket};
 
 static KIND: Kind = Kind::new("custodian::CleanupStack");
+
+const INLINE: usize = 4;
 
 type Cleanup = Box<dyn FnOnce() -> Result<(), BoxError> + Send>;
 
@@ -51,7 +56,9 @@ struct Entry {
 /// ```
 #[must_use = "a CleanupStack runs its cleanups when dropped; bind it to a variable"]
 pub struct CleanupStack {
-    entries: Vec<Entry>,
+    /// The first entries live inline: a stack with a few entries allocates only for the
+    /// closures that capture something.
+    entries: SmallVec<[Entry; INLINE]>,
     ticket: Ticket,
 }
 
@@ -60,7 +67,7 @@ impl CleanupStack {
     #[track_caller]
     pub fn new() -> CleanupStack {
         CleanupStack {
-            entries: Vec::new(),
+            entries: SmallVec::new(),
             ticket: Ticket::new(&KIND),
         }
     }
@@ -173,23 +180,47 @@ impl CleanupStack {
     ///
     /// # Errors
     /// [`CleanupErrors`] with every failure (error or panic), in the order they ran.
+    #[inline]
     pub fn close(mut self) -> Result<(), CleanupErrors> {
         self.run_all().into_result()
     }
 
     fn run_all(&mut self) -> CleanupErrors {
         let mut errors = CleanupErrors::default();
-        while let Some(Entry {
-            cleanup,
-            label,
-            site,
-        }) = self.entries.pop()
-        {
-            if let Err(e) = run_caught(label, site, cleanup) {
-                errors.push(e);
+        // One `catch_unwind` around the whole loop rather than one per entry: after a
+        // panic, the loop starts again with the entries that are left.
+        loop {
+            let mut running = None;
+            let finished = panic::catch_unwind(AssertUnwindSafe(|| {
+                while let Some(Entry {
+                    cleanup,
+                    label,
+                    site,
+                }) = self.entries.pop()
+                {
+                    running = Some((label, site));
+                    if let Err(e) = cleanup() {
+                        errors.push(CleanupError::failed(label, site, e));
+                    }
+                }
+            }));
+            match (finished, running) {
+                (Ok(()), _) => return errors,
+                (Err(payload), Some((label, site))) => {
+                    errors.push(CleanupError::panicked(label, site, payload));
+                }
+                // Only the loop itself could panic before an entry ran: nothing is left
+                // to run that this loop could still reach.
+                (Err(payload), None) => {
+                    errors.push(CleanupError::panicked(
+                        "CleanupStack",
+                        self.ticket.site(),
+                        payload,
+                    ));
+                    return errors;
+                }
             }
         }
-        errors
     }
 }
 

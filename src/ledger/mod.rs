@@ -25,6 +25,7 @@
 //! ```
 
 mod counters;
+pub(crate) mod events;
 mod live;
 mod report;
 mod ticket;

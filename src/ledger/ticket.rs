@@ -1,7 +1,7 @@
 use std::fmt;
 use std::panic::Location;
 
-use super::{Event, Kind, live};
+use super::{Event, Kind, events, live};
 
 /// A guard's entry in the ledger: counts the resource as live from creation to drop.
 ///
@@ -59,7 +59,7 @@ impl Ticket {
     pub fn at(kind: &'static Kind, site: &'static Location<'static>) -> Ticket {
         kind.count(Event::Acquired);
         let id = live::insert(kind, site);
-        tracing::trace!(target: "custodian", kind = kind.name(), site = %site, "acquired");
+        events::acquired(kind.name(), site);
         Ticket { kind, site, id }
     }
 
@@ -81,26 +81,19 @@ impl Ticket {
     #[cold]
     pub fn failure(&self, resource: &dyn fmt::Display, error: &dyn fmt::Display) {
         self.kind.count_failure();
-        tracing::error!(
-            target: "custodian",
-            kind = self.kind.name(),
-            site = %self.site,
-            resource = %resource,
-            error = %error,
-            "cleanup failed"
+        events::failure(
+            "cleanup failed",
+            self.kind.name(),
+            self.site,
+            resource,
+            error,
         );
     }
 
     /// Reports that the resource's cleanup ran from `Drop` rather than an explicit
     /// `close`: a `debug` event, since a dropped guard cannot return its error.
     pub fn dropped_without_close(&self, resource: &dyn fmt::Display) {
-        tracing::debug!(
-            target: "custodian",
-            kind = self.kind.name(),
-            site = %self.site,
-            resource = %resource,
-            "cleanup ran from Drop, not close"
-        );
+        events::dropped_without_close(self.kind.name(), self.site, resource);
     }
 }
 
@@ -111,7 +104,7 @@ impl Drop for Ticket {
         if self.id != 0 {
             live::remove(self.id);
         }
-        tracing::trace!(target: "custodian", kind = self.kind.name(), site = %self.site, "released");
+        events::released(self.kind.name(), self.site);
     }
 }
 

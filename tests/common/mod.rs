@@ -37,7 +37,9 @@ impl Visit for Fields<'_> {
         if field.name() == "message" {
             self.0.message = value.to_owned();
         } else {
-            self.0.fields.insert(field.name().to_owned(), value.to_owned());
+            self.0
+                .fields
+                .insert(field.name().to_owned(), value.to_owned());
         }
     }
 }
@@ -73,7 +75,10 @@ pub fn capture<R>(f: impl FnOnce() -> R) -> (R, Vec<Captured>) {
     let events = recorder.0.lock().unwrap().clone();
     (
         result,
-        events.into_iter().filter(|e| e.target == "custodian").collect(),
+        events
+            .into_iter()
+            .filter(|e| e.target == "custodian")
+            .collect(),
     )
 }
 

@@ -1,0 +1,7 @@
+//! Misuse that must not compile.
+
+#[test]
+fn ui() {
+    let t = trybuild::TestCases::new();
+    t.compile_fail("tests/ui/*.rs");
+}
