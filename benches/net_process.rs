@@ -43,12 +43,21 @@ fn hold_watch(c: &mut Criterion) {
             *guard += 1;
         })
     });
+    // A 100 ms limit is timed on the coarse clock (see `sync::coarse_limit`).
     group.bench_function("hold_watch", |b| {
         b.iter(|| {
             let mut guard = HoldWatch::new(
                 black_box(&lock).lock().unwrap(),
-                Duration::from_millis(10),
+                Duration::from_millis(100),
             );
+            *guard += 1;
+        })
+    });
+    // A 1 ms limit needs the precise clock: an `Instant::now()` pair.
+    group.bench_function("hold_watch_precise", |b| {
+        b.iter(|| {
+            let mut guard =
+                HoldWatch::new(black_box(&lock).lock().unwrap(), Duration::from_millis(1));
             *guard += 1;
         })
     });
@@ -64,6 +73,15 @@ fn child(c: &mut Criterion) {
             black_box(child.wait().unwrap());
         })
     });
+    // Waits for the natural exit like the peer, then reaps.
+    group.bench_function("child_guard_wait_close", |b| {
+        b.iter(|| {
+            let mut child = ChildGuard::spawn(Command::new("/bin/true")).unwrap();
+            child.wait().unwrap();
+            black_box(child.close().unwrap())
+        })
+    });
+    // Stops the child at once (SIGTERM), then reaps.
     group.bench_function("child_guard_close", |b| {
         b.iter(|| black_box(ChildGuard::spawn(Command::new("/bin/true")).unwrap().close().unwrap()))
     });

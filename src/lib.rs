@@ -7,6 +7,10 @@
 //!   ([`scope`], [`Rollback`]);
 //! - several cleanups run in one place and none of their errors may be lost
 //!   ([`CleanupStack`], [`ScopeError`]);
+//! - a socket, a child process or a lock needs cleanup std does not do: a Unix socket
+//!   path unlinked, a child stopped and reaped, a TCP connection closed without losing
+//!   the last response, a warning when a lock is held too long ([`net`], [`process`],
+//!   [`sync`]);
 //! - you want to know which resources are alive and where they were acquired, and to
 //!   fail a test that leaks one ([`ledger`]).
 //!

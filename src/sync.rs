@@ -7,7 +7,14 @@
 //! `custodian::fs::LockFile` — and, when it is released after more than a limit, emits
 //! a `warn` event under target `custodian` with the lock's kind, the site that took it
 //! and the hold time, and records the longest hold per site ([`slow_holds`]). Under the
-//! limit it costs one `Instant::now()` pair and the ledger ticket.
+//! limit it costs two clock reads and the ledger ticket.
+//!
+//! # Clock
+//! A hold is timed with `Instant` (a vDSO `clock_gettime`, 20–60 ns a pair) only when
+//! the limit is short. For a limit of at least [`coarse_limit`] (ten ticks of the
+//! kernel's coarse monotonic clock: 40 ms with `HZ=250`), it is timed with
+//! `CLOCK_MONOTONIC_COARSE`, a few nanoseconds a pair, whose error (one tick) is then
+//! at most a tenth of the limit. Off Linux, `Instant` always.
 //!
 //! ```
 //! use custodian::sync::HoldWatch;
@@ -31,6 +38,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::Close;
+use crate::ledger::events::shielded;
 use crate::ledger::{Kind, Ticket};
 
 static KIND: Kind = Kind::new("custodian::sync::HoldWatch");
@@ -56,7 +64,7 @@ static KIND: Kind = Kind::new("custodian::sync::HoldWatch");
 #[must_use = "dropping the watch releases the lock at once"]
 pub struct HoldWatch<G> {
     guard: ManuallyDrop<G>,
-    since: Instant,
+    since: Start,
     limit: Duration,
     kind: &'static str,
     ticket: Ticket,
@@ -93,7 +101,7 @@ impl<G> HoldWatch<G> {
         HoldWatch {
             ticket: Ticket::new(&KIND),
             guard: ManuallyDrop::new(guard),
-            since: Instant::now(),
+            since: Start::now(limit),
             limit,
             kind,
         }
@@ -228,6 +236,78 @@ impl<G: fmt::Debug> fmt::Debug for HoldWatch<G> {
     }
 }
 
+/// When a hold started, on the clock chosen for its limit.
+#[derive(Clone, Copy, Debug)]
+enum Start {
+    Precise(Instant),
+    /// Nanoseconds on `CLOCK_MONOTONIC_COARSE`.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    Coarse(u64),
+}
+
+impl Start {
+    #[inline]
+    fn now(limit: Duration) -> Start {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if limit >= coarse_limit() {
+            return Start::Coarse(coarse_now());
+        }
+        let _ = limit;
+        Start::Precise(Instant::now())
+    }
+
+    #[inline]
+    fn elapsed(&self) -> Duration {
+        match *self {
+            Start::Precise(since) => since.elapsed(),
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            Start::Coarse(since) => Duration::from_nanos(coarse_now().saturating_sub(since)),
+        }
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[inline]
+fn coarse_now() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    (t.tv_sec as u64).wrapping_mul(1_000_000_000) + t.tv_nsec as u64
+}
+
+/// The shortest limit timed with the cheap coarse clock: ten of its ticks, so that its
+/// error stays under a tenth of the limit. `Duration::MAX` where there is no coarse
+/// clock (the precise clock is then always used).
+///
+/// ```
+/// let limit = custodian::sync::coarse_limit();
+/// assert!(limit > std::time::Duration::ZERO);
+/// ```
+pub fn coarse_limit() -> Duration {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        /// In nanoseconds; 0 until measured.
+        static LIMIT: AtomicU64 = AtomicU64::new(0);
+        let mut nanos = LIMIT.load(Ordering::Relaxed);
+        if nanos == 0 {
+            let res = rustix::time::clock_getres(rustix::time::ClockId::MonotonicCoarse);
+            let tick = (res.tv_sec as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(res.tv_nsec as u64);
+            nanos = if tick == 0 { u64::MAX } else { tick.saturating_mul(10) };
+            LIMIT.store(nanos, Ordering::Relaxed);
+        }
+        if nanos == u64::MAX {
+            Duration::MAX
+        } else {
+            Duration::from_nanos(nanos)
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        Duration::MAX
+    }
+}
+
 /// The slow holds recorded at one site.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlowHold {
@@ -259,13 +339,20 @@ static SLOW: Mutex<Option<HashMap<SiteKey, SlowHold>>> = Mutex::new(None);
 #[cold]
 #[inline(never)]
 fn report(kind: &'static str, site: &'static Location<'static>, held: Duration, limit: Duration) {
-    tracing::warn!(
-        target: "custodian",
-        kind,
-        site = %site,
-        held_ms = held.as_secs_f64() * 1e3,
-        limit_ms = limit.as_secs_f64() * 1e3,
-        "lock held longer than its limit"
+    let (held_ms, limit_ms) = (held.as_secs_f64() * 1e3, limit.as_secs_f64() * 1e3);
+    // Shielded: a subscriber that panics (say, at thread exit) must not abort the process.
+    shielded(
+        || {
+            tracing::warn!(
+                target: "custodian",
+                kind,
+                site = %site,
+                held_ms,
+                limit_ms,
+                "lock held longer than its limit"
+            )
+        },
+        format_args!("lock held longer than its limit kind={kind} site={site} held_ms={held_ms} limit_ms={limit_ms}"),
     );
     let mut slow = SLOW.lock().unwrap_or_else(PoisonError::into_inner);
     let entry = slow

@@ -41,6 +41,24 @@ fn a_long_hold_emits_exactly_one_warning_with_the_right_site() {
 }
 
 #[test]
+fn a_long_limit_is_timed_on_the_coarse_clock_and_still_warns_once() {
+    let limit = custodian::sync::coarse_limit();
+    assert!(limit < Duration::from_secs(1), "{limit:?}");
+    let lock = Mutex::new(());
+    let (took, events) = common::capture(|| {
+        let held = HoldWatch::new(lock.lock().unwrap(), limit);
+        std::thread::sleep(limit + Duration::from_millis(60));
+        HoldWatch::close(held)
+    });
+    assert!(took > limit, "{took:?}");
+    assert_eq!(warnings(&events).len(), 1, "{events:?}");
+
+    // And a short hold under that limit does not.
+    let ((), events) = common::capture(|| drop(HoldWatch::new(lock.lock().unwrap(), limit)));
+    assert!(warnings(&events).is_empty(), "{events:?}");
+}
+
+#[test]
 fn a_short_hold_emits_nothing() {
     let lock = Mutex::new(());
     let ((), events) = common::capture(|| {

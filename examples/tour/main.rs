@@ -4,6 +4,7 @@
 //! Run it with `cargo run --example tour` (add `--all-features` for the async chapter).
 
 mod foundation;
+mod net_process;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
@@ -21,6 +22,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     chapter("1. Scopes, rollbacks and cleanup stacks");
     foundation::run(dir.path())?;
+
+    chapter("Sockets, child processes and lock hold times");
+    net_process::run(dir.path())?;
+    #[cfg(feature = "tokio")]
+    tokio::runtime::Runtime::new()?.block_on(net_process::run_async())?;
 
     chapter("The ledger");
     println!("{}", custodian::ledger::report());

@@ -48,7 +48,8 @@ static KIND: Kind = Kind::new("custodian::net::AsyncUnixListenerGuard");
 /// ```
 #[must_use = "dropping the guard closes the listener and removes its socket file at once"]
 pub struct AsyncUnixListenerGuard {
-    listener: UnixListener,
+    /// Closed before the path is released (see `Drop`).
+    listener: ManuallyDrop<UnixListener>,
     socket: SocketPath,
     ticket: Ticket,
 }
@@ -97,7 +98,7 @@ impl AsyncUnixListenerGuard {
             Err(e) => return Err(guard(e)),
         };
         Ok(AsyncUnixListenerGuard {
-            listener,
+            listener: ManuallyDrop::new(listener),
             socket,
             ticket: Ticket::at(&KIND, site),
         })
@@ -135,9 +136,8 @@ impl AsyncUnixListenerGuard {
     /// ```
     pub fn close(self) -> io::Result<()> {
         let (listener, socket, ticket) = self.into_parts();
-        let result = socket.release_reported(ticket.kind());
         drop(listener);
-        result
+        socket.release_reported(ticket.kind())
     }
 
     /// Stops guarding: returns the listener and its path, which is then the caller's to
@@ -166,7 +166,7 @@ impl AsyncUnixListenerGuard {
         // exactly once.
         unsafe {
             (
-                ptr::read(&this.listener),
+                ManuallyDrop::into_inner(ptr::read(&this.listener)),
                 ptr::read(&this.socket),
                 ptr::read(&this.ticket),
             )
@@ -184,6 +184,8 @@ impl Deref for AsyncUnixListenerGuard {
 
 impl Drop for AsyncUnixListenerGuard {
     fn drop(&mut self) {
+        // SAFETY: the listener is dropped exactly once, here; nothing touches it after.
+        unsafe { ManuallyDrop::drop(&mut self.listener) };
         match self.socket.release_reported(self.ticket.kind()) {
             Ok(()) => self
                 .ticket

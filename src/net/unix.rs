@@ -14,6 +14,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::with_context;
 use crate::Close;
+use crate::ledger::events::shielded;
 use crate::ledger::{Kind, Ticket};
 
 static KIND: Kind = Kind::new("custodian::net::UnixListenerGuard");
@@ -244,21 +245,17 @@ impl SocketPath {
 
     /// `release`, with the outcomes that are not errors reported as debug events.
     pub(crate) fn release_reported(&self, kind: &'static str) -> io::Result<()> {
-        match self.release()? {
-            Released::Removed => {}
-            Released::Gone => tracing::debug!(
-                target: "custodian",
-                kind,
-                resource = %self.path.display(),
-                "socket file was already removed"
-            ),
-            Released::Replaced => tracing::debug!(
-                target: "custodian",
-                kind,
-                resource = %self.path.display(),
-                "socket path now names another socket; left it in place"
-            ),
-        }
+        let message = match self.release()? {
+            Released::Removed => return Ok(()),
+            Released::Gone => "socket file was already removed",
+            Released::Replaced => "socket path now names another socket; left it in place",
+        };
+        let path = self.path.display();
+        // Shielded: this runs from `Drop`, where a panicking subscriber must not abort.
+        shielded(
+            || tracing::debug!(target: "custodian", kind, resource = %path, "{message}"),
+            format_args!("{message} kind={kind} resource={path}"),
+        );
         Ok(())
     }
 }
@@ -301,7 +298,8 @@ impl SocketPath {
 /// nobody listening on it and replaces it.
 #[must_use = "dropping the guard closes the listener and removes its socket file at once"]
 pub struct UnixListenerGuard {
-    listener: UnixListener,
+    /// Closed before the path is released (see `Drop`).
+    listener: ManuallyDrop<UnixListener>,
     socket: SocketPath,
     ticket: Ticket,
 }
@@ -339,7 +337,7 @@ impl UnixListenerGuard {
         let site = std::panic::Location::caller();
         let (listener, socket) = bind(path.as_ref())?;
         Ok(UnixListenerGuard {
-            listener,
+            listener: ManuallyDrop::new(listener),
             socket,
             ticket: Ticket::at(&KIND, site),
         })
@@ -375,9 +373,8 @@ impl UnixListenerGuard {
     /// ```
     pub fn close(self) -> io::Result<()> {
         let (listener, socket, ticket) = self.into_parts();
-        let result = socket.release_reported(ticket.kind());
         drop(listener);
-        result
+        socket.release_reported(ticket.kind())
     }
 
     /// Stops guarding: returns the listener and its path, which is then the caller's to
@@ -405,7 +402,7 @@ impl UnixListenerGuard {
         // exactly once.
         unsafe {
             (
-                ptr::read(&this.listener),
+                ManuallyDrop::into_inner(ptr::read(&this.listener)),
                 ptr::read(&this.socket),
                 ptr::read(&this.ticket),
             )
@@ -423,8 +420,11 @@ impl Deref for UnixListenerGuard {
 
 impl Drop for UnixListenerGuard {
     fn drop(&mut self) {
-        // The path goes first, then the listener (when the fields drop): no client sees
-        // a socket file with nobody behind it.
+        // The listener first, then the path: closing a socket whose file is already
+        // unlinked is markedly slower, and the order is safe either way (a new instance
+        // that replaces the file in between keeps it: the inode check).
+        // SAFETY: the listener is dropped exactly once, here; nothing touches it after.
+        unsafe { ManuallyDrop::drop(&mut self.listener) };
         match self.socket.release_reported(self.ticket.kind()) {
             Ok(()) => self.ticket.dropped_without_close(&self.socket.path.display()),
             Err(e) => self.ticket.failure(&self.socket.path.display(), &e),
