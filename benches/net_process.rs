@@ -46,10 +46,8 @@ fn hold_watch(c: &mut Criterion) {
     // A 100 ms limit is timed on the coarse clock (see `sync::coarse_limit`).
     group.bench_function("hold_watch", |b| {
         b.iter(|| {
-            let mut guard = HoldWatch::new(
-                black_box(&lock).lock().unwrap(),
-                Duration::from_millis(100),
-            );
+            let mut guard =
+                HoldWatch::new(black_box(&lock).lock().unwrap(), Duration::from_millis(100));
             *guard += 1;
         })
     });
@@ -83,7 +81,14 @@ fn child(c: &mut Criterion) {
     });
     // Stops the child at once (SIGTERM), then reaps.
     group.bench_function("child_guard_close", |b| {
-        b.iter(|| black_box(ChildGuard::spawn(Command::new("/bin/true")).unwrap().close().unwrap()))
+        b.iter(|| {
+            black_box(
+                ChildGuard::spawn(Command::new("/bin/true"))
+                    .unwrap()
+                    .close()
+                    .unwrap(),
+            )
+        })
     });
     group.finish();
 }

@@ -293,7 +293,11 @@ pub fn coarse_limit() -> Duration {
             let tick = (res.tv_sec as u64)
                 .saturating_mul(1_000_000_000)
                 .saturating_add(res.tv_nsec as u64);
-            nanos = if tick == 0 { u64::MAX } else { tick.saturating_mul(10) };
+            nanos = if tick == 0 {
+                u64::MAX
+            } else {
+                tick.saturating_mul(10)
+            };
             LIMIT.store(nanos, Ordering::Relaxed);
         }
         if nanos == u64::MAX {
@@ -352,7 +356,9 @@ fn report(kind: &'static str, site: &'static Location<'static>, held: Duration, 
                 "lock held longer than its limit"
             )
         },
-        format_args!("lock held longer than its limit kind={kind} site={site} held_ms={held_ms} limit_ms={limit_ms}"),
+        format_args!(
+            "lock held longer than its limit kind={kind} site={site} held_ms={held_ms} limit_ms={limit_ms}"
+        ),
     );
     let mut slow = SLOW.lock().unwrap_or_else(PoisonError::into_inner);
     let entry = slow
@@ -388,6 +394,6 @@ pub fn slow_holds() -> Vec<SlowHold> {
         .as_ref()
         .map(|m| m.values().cloned().collect())
         .unwrap_or_default();
-    all.sort_by(|a, b| b.longest.cmp(&a.longest));
+    all.sort_by_key(|h| std::cmp::Reverse(h.longest));
     all
 }

@@ -107,7 +107,10 @@ fn child_that_stops_on_sigterm_is_not_killed() {
     let start = Instant::now();
     let status = child.close().unwrap();
     assert_eq!(status.signal(), Some(15));
-    assert!(start.elapsed() < Duration::from_secs(20), "waited for the grace period");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "waited for the grace period"
+    );
 }
 
 #[test]
@@ -149,7 +152,10 @@ fn wait_timeout_and_try_wait_do_not_reap() {
     assert_eq!(child.try_wait().unwrap(), None);
     assert_eq!(child.wait_timeout(Duration::from_millis(50)).unwrap(), None);
     child.signal(Signal::KILL).unwrap();
-    let status = child.wait_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    let status = child
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .unwrap();
     assert_eq!(status.signal(), Some(9));
     assert_eq!(proc_state(child.id()).map(|s| s.0), Some('Z'));
     drop(child);
@@ -221,7 +227,10 @@ fn two_hundred_spawn_drop_cycles_leave_no_zombie() {
     let counts = custodian::ledger::snapshot()
         .since(&before)
         .get("custodian::process::ChildGuard");
-    assert_eq!((counts.acquired, counts.released, counts.failed), (200, 200, 0));
+    assert_eq!(
+        (counts.acquired, counts.released, counts.failed),
+        (200, 200, 0)
+    );
 }
 
 #[test]
@@ -282,7 +291,12 @@ fn a_child_reaped_elsewhere_is_never_signalled() {
     let ((), events) = common::capture(|| drop(guard));
     let errors = common::errors(&events);
     assert_eq!(errors.len(), 1, "{events:?}");
-    assert!(errors[0].field("resource").unwrap().contains(&pid.to_string()));
+    assert!(
+        errors[0]
+            .field("resource")
+            .unwrap()
+            .contains(&pid.to_string())
+    );
     let counts = custodian::ledger::snapshot()
         .since(&before)
         .get("custodian::process::ChildGuard");
@@ -308,7 +322,12 @@ fn drop_is_a_debug_event_with_the_site() {
         .filter(|e| e.message.contains("Drop"))
         .collect();
     assert_eq!(dropped.len(), 1, "{events:?}");
-    assert!(dropped[0].field("site").unwrap().contains(&format!("process.rs:{line}")));
+    assert!(
+        dropped[0]
+            .field("site")
+            .unwrap()
+            .contains(&format!("process.rs:{line}"))
+    );
 }
 
 #[test]
@@ -318,7 +337,12 @@ fn thousand_spawn_drop_cycles_leave_no_zombie() {
     for i in 0..1000 {
         let mut cmd = Command::new("sleep");
         cmd.arg("30");
-        drop(ChildOptions::new().process_group(i % 2 == 0).spawn(cmd).unwrap());
+        drop(
+            ChildOptions::new()
+                .process_group(i % 2 == 0)
+                .spawn(cmd)
+                .unwrap(),
+        );
     }
     assert!(zombie_children().is_empty());
 }
@@ -404,7 +428,10 @@ mod tokio_guard {
             while zombie_children().contains(&pid) && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            assert!(!zombie_children().contains(&pid), "tokio did not reap {pid}");
+            assert!(
+                !zombie_children().contains(&pid),
+                "tokio did not reap {pid}"
+            );
         });
     }
 }

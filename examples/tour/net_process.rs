@@ -61,7 +61,10 @@ fn unix_server(dir: &Path) -> Result<()> {
         Err(e) => println!("a second instance meanwhile is refused: {e}"),
     }
     second.close()?; // clean stop: the file is removed
-    println!("after a clean stop the socket file exists: {}", path.exists());
+    println!(
+        "after a clean stop the socket file exists: {}",
+        path.exists()
+    );
 
     let third = UnixListenerGuard::bind(&path)?;
     println!("start 3: {}", serve_one(&third, &path, "and again")?);
@@ -106,13 +109,21 @@ fn process_tree() -> Result<()> {
         out.read_line(&mut line)?;
         pids.push(line.trim().parse()?);
     }
+    std::thread::sleep(Duration::from_millis(50)); // let the background jobs exec
     println!("the process tree, from /proc:");
     for &pid in &pids {
         println!("  {}", describe(pid));
     }
     let status = child.close()?;
     println!("closed: the shell ended with {status}; /proc now:");
-    std::thread::sleep(Duration::from_millis(50)); // let init reap the grandchildren
+    // The shell was ours and is reaped; the grandchildren were killed and are init's to
+    // reap (it does so shortly).
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while pids.iter().any(|&pid| !describe(pid).ends_with("gone"))
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     for &pid in &pids {
         println!("  {}", describe(pid));
     }
@@ -122,7 +133,10 @@ fn process_tree() -> Result<()> {
     let pid = raw.id();
     drop(raw);
     std::thread::sleep(Duration::from_millis(50));
-    println!("std's Child dropped after exiting: {}", describe(pid));
+    println!(
+        "std's Child dropped after exiting: {} (a zombie until we exit)",
+        describe(pid)
+    );
     Ok(())
 }
 
@@ -143,7 +157,10 @@ fn tcp_close() -> Result<()> {
     server.write_all(&vec![b'r'; 4 << 20])?;
     GracefulClose::new().close(server)?;
     let got = client.join().map_err(|_| "client panicked")??;
-    println!("TCP: the client got {got} of {} bytes after a graceful close", 4 << 20);
+    println!(
+        "TCP: the client got {got} of {} bytes after a graceful close",
+        4 << 20
+    );
     Ok(())
 }
 

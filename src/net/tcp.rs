@@ -201,7 +201,9 @@ fn close_std(stream: &TcpStream, deadline: Duration, peer: Option<SocketAddr>) -
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
                 ) => {}
             Err(e) => return Err(with_context(e, context("failed while draining the peer"))),
         }

@@ -83,7 +83,10 @@ pub(crate) fn bind(path: &Path) -> io::Result<(UnixListener, SocketPath)> {
         match UnixListener::bind(path) {
             Ok(listener) => {
                 let meta = std::fs::symlink_metadata(path).map_err(|e| {
-                    with_context(e, format_args!("cannot stat bound socket {}", path.display()))
+                    with_context(
+                        e,
+                        format_args!("cannot stat bound socket {}", path.display()),
+                    )
                 })?;
                 let socket = SocketPath {
                     path: path.to_owned(),
@@ -136,7 +139,10 @@ fn remove_if_stale(path: &Path, in_use: io::Error) -> io::Result<()> {
         match std::fs::symlink_metadata(path) {
             Ok(meta) => Ok(Some(meta)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(with_context(e, format_args!("cannot stat {}", path.display()))),
+            Err(e) => Err(with_context(
+                e,
+                format_args!("cannot stat {}", path.display()),
+            )),
         }
     };
     let Some(meta) = stat(path)? else {
@@ -426,7 +432,9 @@ impl Drop for UnixListenerGuard {
         // SAFETY: the listener is dropped exactly once, here; nothing touches it after.
         unsafe { ManuallyDrop::drop(&mut self.listener) };
         match self.socket.release_reported(self.ticket.kind()) {
-            Ok(()) => self.ticket.dropped_without_close(&self.socket.path.display()),
+            Ok(()) => self
+                .ticket
+                .dropped_without_close(&self.socket.path.display()),
             Err(e) => self.ticket.failure(&self.socket.path.display(), &e),
         }
     }

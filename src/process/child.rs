@@ -70,7 +70,10 @@ impl ChildOptions {
             command.wrap(ProcessGroup::leader());
         }
         let child = command.spawn().map_err(|e| {
-            with_context(e, format_args!("cannot spawn {}", program.to_string_lossy()))
+            with_context(
+                e,
+                format_args!("cannot spawn {}", program.to_string_lossy()),
+            )
         })?;
         Ok(ChildGuard {
             pid: child.id(),
@@ -355,7 +358,9 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         match self.stop() {
             Ok(_) => self.ticket.dropped_without_close(&self.pid),
-            Err(e) => self.ticket.failure(&format_args!("child process {}", self.pid), &e),
+            Err(e) => self
+                .ticket
+                .failure(&format_args!("child process {}", self.pid), &e),
         }
     }
 }

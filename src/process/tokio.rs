@@ -77,8 +77,12 @@ impl ChildOptions {
         if self.group {
             command.wrap(ProcessGroup::leader());
         }
-        let context =
-            |e| with_context(e, format_args!("cannot spawn {}", program.to_string_lossy()));
+        let context = |e| {
+            with_context(
+                e,
+                format_args!("cannot spawn {}", program.to_string_lossy()),
+            )
+        };
         let child = command.spawn().map_err(context)?;
         let pid = child
             .id()
