@@ -63,10 +63,25 @@ fn sh(script: &str) -> Command {
     cmd
 }
 
+/// Spawns `script` (which prints a line once ready, e.g. after setting a trap) and
+/// waits for that line.
+fn spawn_ready(options: ChildOptions, script: &str) -> ChildGuard {
+    let mut cmd = sh(script);
+    cmd.stdout(Stdio::piped());
+    let mut child = options.spawn(cmd).unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout().take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    child
+}
+
 /// Spawns a shell in its own group whose background grandchild ignores SIGTERM, and
 /// returns the guard and the grandchild's pid.
 fn with_grandchild(options: ChildOptions) -> (ChildGuard, u32) {
-    let mut cmd = sh("(trap '' TERM; exec sleep 30) & echo $!; wait");
+    // The grandchild prints its pid once its trap is set.
+    let mut cmd = sh("sh -c 'trap \"\" TERM; echo $$; exec sleep 30' & wait");
     cmd.stdout(Stdio::piped());
     let mut child = options.spawn(cmd).unwrap();
     let mut line = String::new();
@@ -82,12 +97,11 @@ fn with_grandchild(options: ChildOptions) -> (ChildGuard, u32) {
 fn child_ignoring_sigterm_is_killed_after_the_grace_period() {
     let _serial = serial();
     let grace = Duration::from_millis(300);
-    let child = ChildOptions::new()
-        .grace(grace)
-        .spawn(sh("trap '' TERM; exec sleep 30"))
-        .unwrap();
+    let child = spawn_ready(
+        ChildOptions::new().grace(grace),
+        "trap '' TERM; echo ready; exec sleep 30",
+    );
     let pid = child.id();
-    std::thread::sleep(Duration::from_millis(100)); // let the shell set its trap
     let start = Instant::now();
     let status = child.close().unwrap();
     assert!(start.elapsed() >= grace, "killed before the grace period");
@@ -116,11 +130,10 @@ fn child_that_stops_on_sigterm_is_not_killed() {
 #[test]
 fn configured_signal_is_the_one_sent() {
     let _serial = serial();
-    let child = ChildOptions::new()
-        .signal(Signal::INT)
-        .spawn(sh("trap 'exit 7' INT; while :; do sleep 0.05; done"))
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    let child = spawn_ready(
+        ChildOptions::new().signal(Signal::INT),
+        "trap 'exit 7' INT; echo ready; while :; do sleep 0.05; done",
+    );
     let status = child.close().unwrap();
     assert_eq!(status.code(), Some(7), "{status}");
 }
@@ -372,12 +385,16 @@ mod tokio_guard {
         let _serial = serial();
         runtime().block_on(async {
             let grace = Duration::from_millis(300);
-            let child = ChildOptions::new()
-                .grace(grace)
-                .spawn_async(tokio_sh("trap '' TERM; exec sleep 30"))
-                .unwrap();
+            let mut cmd = tokio_sh("trap '' TERM; echo ready; exec sleep 30");
+            cmd.stdout(Stdio::piped());
+            let mut child = ChildOptions::new().grace(grace).spawn_async(cmd).unwrap();
             let pid = child.id();
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut ready = String::new();
+            tokio::io::BufReader::new(child.stdout().take().unwrap())
+                .read_line(&mut ready)
+                .await
+                .unwrap();
+            assert_eq!(ready.trim(), "ready");
             let start = Instant::now();
             let status = child.close().await.unwrap();
             assert!(start.elapsed() >= grace);
@@ -390,7 +407,7 @@ mod tokio_guard {
     fn async_group_close_stops_the_grandchild_and_exited_child_is_just_reaped() {
         let _serial = serial();
         runtime().block_on(async {
-            let mut cmd = tokio_sh("(trap '' TERM; exec sleep 30) & echo $!; wait");
+            let mut cmd = tokio_sh("sh -c 'trap \"\" TERM; echo $$; exec sleep 30' & wait");
             cmd.stdout(Stdio::piped());
             let mut child = ChildOptions::new()
                 .process_group(true)

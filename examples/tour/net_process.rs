@@ -188,12 +188,17 @@ pub(crate) async fn run_async() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let mut cmd = tokio::process::Command::new("sh");
-    cmd.args(["-c", "trap '' TERM; exec sleep 60"]);
-    let child = ChildOptions::new()
+    cmd.args(["-c", "trap '' TERM; echo ready; exec sleep 60"]);
+    cmd.stdout(Stdio::piped());
+    let mut child = ChildOptions::new()
         .grace(Duration::from_millis(200))
         .spawn_async(cmd)?;
     let pid = child.id();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut ready = String::new();
+    use tokio::io::AsyncBufReadExt;
+    tokio::io::BufReader::new(child.stdout().take().ok_or("no stdout")?)
+        .read_line(&mut ready)
+        .await?;
     let status = child.close().await?;
     println!("async child ignoring SIGTERM: {status}; {}", describe(pid));
 

@@ -282,14 +282,18 @@ impl ChildGuard {
     /// reaped (a refused signal, a child reaped by other code).
     ///
     /// ```
+    /// use std::io::{BufRead, BufReader};
     /// use std::os::unix::process::ExitStatusExt;
     /// use std::time::Duration;
     ///
     /// let mut cmd = std::process::Command::new("sh");
-    /// cmd.args(["-c", "trap '' TERM; sleep 30"]); // ignores SIGTERM
-    /// let child = custodian::process::ChildOptions::new()
+    /// cmd.args(["-c", "trap '' TERM; echo ready; exec sleep 30"]); // ignores SIGTERM
+    /// cmd.stdout(std::process::Stdio::piped());
+    /// let mut child = custodian::process::ChildOptions::new()
     ///     .grace(Duration::from_millis(100))
     ///     .spawn(cmd)?;
+    /// let mut ready = String::new();
+    /// BufReader::new(child.stdout().take().unwrap()).read_line(&mut ready)?;
     /// let status = child.close()?;
     /// assert_eq!(status.signal(), Some(9)); // killed after the grace period
     /// # Ok::<(), std::io::Error>(())

@@ -305,13 +305,17 @@ impl AsyncChildGuard {
     /// ```
     /// use std::os::unix::process::ExitStatusExt;
     /// use std::time::Duration;
+    /// use tokio::io::AsyncBufReadExt;
     /// # tokio::runtime::Runtime::new()?.block_on(async {
     /// let mut cmd = tokio::process::Command::new("sh");
-    /// cmd.args(["-c", "trap '' TERM; sleep 30"]);
-    /// let child = custodian::process::ChildOptions::new()
+    /// cmd.args(["-c", "trap '' TERM; echo ready; exec sleep 30"]); // ignores SIGTERM
+    /// cmd.stdout(std::process::Stdio::piped());
+    /// let mut child = custodian::process::ChildOptions::new()
     ///     .grace(Duration::from_millis(100))
     ///     .spawn_async(cmd)?;
-    /// assert_eq!(child.close().await?.signal(), Some(9));
+    /// let mut ready = String::new();
+    /// tokio::io::BufReader::new(child.stdout().take().unwrap()).read_line(&mut ready).await?;
+    /// assert_eq!(child.close().await?.signal(), Some(9)); // killed after the grace period
     /// # Ok::<(), std::io::Error>(())
     /// # })?;
     /// # Ok::<(), std::io::Error>(())
@@ -333,7 +337,7 @@ impl AsyncChildGuard {
     /// # tokio::runtime::Runtime::new()?.block_on(async {
     /// let guard = custodian::process::AsyncChildGuard::spawn(tokio::process::Command::new("true"))?;
     /// let mut child = custodian::process::AsyncChildGuard::into_inner(guard);
-    /// Box::into_pin(child.wait()).await?;
+    /// child.wait().await?;
     /// # Ok::<(), std::io::Error>(())
     /// # })?;
     /// # Ok::<(), std::io::Error>(())
