@@ -167,6 +167,33 @@ fn too_long_path_is_a_clear_error_not_a_truncated_bind() {
 }
 
 #[test]
+fn relative_path_is_released_by_its_absolute_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let absolute = dir.path().join("rel.sock");
+    // A relative path from the current directory (tests share it, so do not change it).
+    let cwd = std::env::current_dir().unwrap();
+    let Some(relative) = pathdiff(&absolute, &cwd) else {
+        return; // temp dir on another root: nothing to test
+    };
+    let guard = UnixListenerGuard::bind(&relative).unwrap();
+    assert!(guard.path().is_absolute(), "{}", guard.path().display());
+    assert_eq!(inode(guard.path()), inode(&absolute));
+    drop(guard);
+    assert!(!absolute.exists());
+}
+
+/// `path` relative to `base` with `..` components (both absolute).
+fn pathdiff(path: &Path, base: &Path) -> Option<std::path::PathBuf> {
+    let ups = base.components().count().checked_sub(1)?;
+    let mut rel = std::path::PathBuf::new();
+    for _ in 0..ups {
+        rel.push("..");
+    }
+    rel.push(path.strip_prefix("/").ok()?);
+    (rel.as_os_str().len() < SUN_PATH_MAX).then_some(rel)
+}
+
+#[test]
 fn missing_directory_error_names_the_path_and_keeps_the_kind() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("no/such/dir/app.sock");

@@ -89,7 +89,9 @@ pub(crate) fn bind(path: &Path) -> io::Result<(UnixListener, SocketPath)> {
                     )
                 })?;
                 let socket = SocketPath {
-                    path: path.to_owned(),
+                    // Absolute, so that a later change of working directory cannot
+                    // make the release look at another file.
+                    path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
                     dev: meta.dev(),
                     ino: meta.ino(),
                 };
