@@ -471,3 +471,16 @@ mod tokio_twins {
         });
     }
 }
+
+#[test]
+fn listener_guard_entered_in_a_scope_is_closed_at_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scoped.sock");
+    let result = custodian::scope(|s| {
+        let listener = s.enter(UnixListenerGuard::bind(&path)?);
+        assert_serves(listener, &path);
+        Ok::<_, io::Error>(())
+    });
+    result.unwrap();
+    assert!(!path.exists());
+}

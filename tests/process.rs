@@ -452,3 +452,25 @@ mod tokio_guard {
         });
     }
 }
+
+#[test]
+fn guards_go_into_a_cleanup_stack_and_their_errors_come_back() {
+    let _serial = serial();
+    let mut stack = custodian::CleanupStack::new();
+    let mut cmd = Command::new("sleep");
+    cmd.arg("30");
+    let child = ChildGuard::spawn(cmd).unwrap();
+    let pid = child.id();
+    stack.push(child);
+    // A child reaped by other code: its close fails, and the error is collected.
+    let mut raw = Command::new("true").spawn().unwrap();
+    raw.wait().unwrap();
+    stack.push(ChildOptions::new().guard(raw));
+    let errors = stack.close().unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors}");
+    assert!(
+        errors.to_string().contains("reaped by someone else"),
+        "{errors}"
+    );
+    assert!(!matches!(proc_state(pid), Some((_, ppid)) if ppid == std::process::id()));
+}
