@@ -12,7 +12,10 @@
 //!   the last response, a warning when a lock is held too long ([`net`], [`process`],
 //!   [`sync`]);
 //! - you want to know which resources are alive and where they were acquired, and to
-//!   fail a test that leaks one ([`ledger`]).
+//!   fail a test that leaks one ([`ledger`]);
+//! - an async cleanup (a goodbye frame, an unlock) must run even when the future holding
+//!   the resource is cancelled, and be drained at shutdown (`custodian::rt`, feature
+//!   `tokio`).
 //!
 //! The zero-cost guards ([`guard`], [`defer!`], [`guard_on_success`],
 //! [`guard_on_unwind`], [`ScopeGuard`]) are scopeguard's, re-exported.

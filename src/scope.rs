@@ -356,6 +356,12 @@ pub struct ScopeError<E> {
 }
 
 impl<E> ScopeError<E> {
+    /// For the async scope (`rt::scope`), which reports the same way.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn new(body: Option<E>, cleanup: CleanupErrors) -> ScopeError<E> {
+        ScopeError { body, cleanup }
+    }
+
     /// The body's error, if it returned one.
     pub fn body(&self) -> Option<&E> {
         self.body.as_ref()

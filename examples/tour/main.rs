@@ -5,6 +5,8 @@
 
 mod foundation;
 mod net_process;
+#[cfg(feature = "tokio")]
+mod rt;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
@@ -27,6 +29,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     net_process::run(dir.path())?;
     #[cfg(feature = "tokio")]
     tokio::runtime::Runtime::new()?.block_on(net_process::run_async())?;
+    #[cfg(feature = "tokio")]
+    {
+        chapter("Async cleanup that survives cancellation (custodian::rt)");
+        rt::run(dir.path())?;
+    }
 
     chapter("The ledger");
     println!("{}", custodian::ledger::report());

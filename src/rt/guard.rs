@@ -1,0 +1,545 @@
+//! `AsyncGuard<T>`: a value with an async cleanup that runs even when the guard is
+//! dropped mid-flight.
+
+use std::any::type_name;
+use std::borrow::Cow;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::ops::{Deref, DerefMut};
+use std::panic::{AssertUnwindSafe, Location, catch_unwind, resume_unwind};
+use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
+use std::task::Poll;
+
+use tokio::runtime::Handle;
+
+use super::AsyncClose;
+use super::reaper::{FutureJob, InnerRef, Job, Owner, Reaper, ReaperRef};
+use crate::error::{BoxError, CleanupError, CleanupErrors};
+use crate::ledger::{Kind, Ticket};
+
+static KIND: Kind = Kind::new("custodian::rt::AsyncGuard");
+
+pub(crate) type BoxFuture<O> = Pin<Box<dyn Future<Output = O> + Send>>;
+type Fallback<T> = Box<dyn FnOnce(T) + Send>;
+
+/// A value with an async cleanup: `close(self).await` runs it and returns its error;
+/// dropped without `close` (an early return, `?`, a panic, a cancelled future), the
+/// guard hands the cleanup to its [`Reaper`], which runs it to completion on the
+/// runtime, shielded from the cancelled caller, and reports its error.
+///
+/// `Drop` never blocks (no `block_on`, no `block_in_place`), so it is safe on a
+/// current-thread runtime. With no runtime to run on (dropped on a plain thread, or
+/// after the runtime shut down), the cleanup is reported as lost (a tracing `error`
+/// event and a ledger failure) and the synchronous
+/// [`fallback`](AsyncGuardBuilder::fallback), if one was given, runs instead.
+///
+/// The cleanup runs on the runtime current when the guard was created (or else the
+/// reaper's, or else the one current where it is dropped), so a guard may be dropped on
+/// any thread.
+///
+/// ```
+/// use custodian::rt::AsyncGuard;
+/// use tokio::io::AsyncWriteExt;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let stream = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+/// let mut conn = AsyncGuard::new(stream, |mut s| async move {
+///     s.write_all(b"bye\n").await?;
+///     s.shutdown().await
+/// });
+/// conn.write_all(b"hello\n").await?; // Deref to the stream
+/// conn.close().await?; // the goodbye, with its error
+/// # Ok::<(), custodian::BoxError>(())
+/// # }).unwrap();
+/// ```
+#[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
+pub struct AsyncGuard<T: Send + 'static> {
+    /// `Some` until `close`, `into_inner` or `Drop` takes it.
+    parts: Option<Parts<T>>,
+}
+
+struct Parts<T: Send + 'static> {
+    value: T,
+    /// Never locked: taken out by value with `Mutex::into_inner`, which costs nothing.
+    /// It is there so that the guard is `Sync` when `T` is (a `&AsyncGuard` can be held
+    /// across an `.await` in a spawned task) without asking the closures to be `Sync`:
+    /// nothing reaches them through a shared reference.
+    erased: Mutex<Erased<T>>,
+    owner: Owner,
+    handle: Option<Handle>,
+    reaper: ReaperRef,
+}
+
+struct Erased<T> {
+    cleanup: Box<dyn Cleanup<T>>,
+    fallback: Option<Fallback<T>>,
+}
+
+impl<T> Erased<T> {
+    fn take(erased: Mutex<Erased<T>>) -> Erased<T> {
+        erased.into_inner().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The cleanup closure with its types erased, so that the guard is `AsyncGuard<T>`
+/// whatever the closure and its future are. `defer` is monomorphised: the future is
+/// spawned as it is, not boxed.
+trait Cleanup<T>: Send {
+    fn call(self: Box<Self>, value: T) -> BoxFuture<Result<(), BoxError>>;
+    fn defer(self: Box<Self>, value: T, ctx: DeferCtx<T>);
+}
+
+struct DeferCtx<T> {
+    fallback: Option<Fallback<T>>,
+    reaper: InnerRef,
+    handle: Option<Handle>,
+    owner: Owner,
+}
+
+impl<T, F, Fut, E> Cleanup<T> for F
+where
+    T: Send + 'static,
+    F: FnOnce(T) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    fn call(self: Box<Self>, value: T) -> BoxFuture<Result<(), BoxError>> {
+        let fut = (*self)(value);
+        Box::pin(async move { fut.await.map_err(Into::into) })
+    }
+
+    fn defer(self: Box<Self>, value: T, ctx: DeferCtx<T>) {
+        let job = GuardJob {
+            value,
+            cleanup: *self,
+            fallback: ctx.fallback,
+        };
+        ctx.reaper.spawn_job(ctx.handle, ctx.owner, job);
+    }
+}
+
+/// A dropped guard's cleanup, as the reaper runs it: the value and the closure stay
+/// apart until the first poll, so that a cleanup that can never run gives the value to
+/// the fallback.
+struct GuardJob<T, F> {
+    value: T,
+    cleanup: F,
+    fallback: Option<Fallback<T>>,
+}
+
+impl<T, F, Fut, E> Job for GuardJob<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(T) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    type Fut = Fut;
+
+    fn start(self) -> Fut {
+        (self.cleanup)(self.value)
+    }
+
+    fn errors(
+        output: Result<(), E>,
+        label: &'static str,
+        site: &'static Location<'static>,
+    ) -> CleanupErrors {
+        let mut errors = CleanupErrors::default();
+        if let Err(e) = output {
+            errors.push(CleanupError::failed(label, site, e.into()));
+        }
+        errors
+    }
+
+    fn lost(self) {
+        if let Some(fallback) = self.fallback {
+            fallback(self.value);
+        }
+    }
+}
+
+impl<T: Send + 'static> AsyncGuard<T> {
+    /// Guards `value` with an async `cleanup`, run by [`close`](AsyncGuard::close) or,
+    /// if the guard is dropped, by the process-wide [`Reaper::global`].
+    ///
+    /// The cleanup's future must be `Send + 'static` (it may run in another task) and
+    /// its error convert into [`BoxError`].
+    ///
+    /// ```
+    /// use custodian::rt::AsyncGuard;
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let lock = AsyncGuard::new("job-42", |name| async move {
+    ///     println!("unlocking {name}");
+    ///     Ok::<_, std::io::Error>(())
+    /// });
+    /// assert_eq!(*lock, "job-42");
+    /// lock.close().await.unwrap();
+    /// # });
+    /// ```
+    #[track_caller]
+    #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
+    pub fn new<F, Fut, E>(value: T, cleanup: F) -> AsyncGuard<T>
+    where
+        F: FnOnce(T) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        AsyncGuard::builder().build(value, cleanup)
+    }
+
+    /// Like [`new`](AsyncGuard::new), with the dropped guard's cleanup handed to
+    /// `reaper` instead of the global one.
+    ///
+    /// ```
+    /// use custodian::rt::{AsyncGuard, Reaper};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let reaper = Reaper::new();
+    /// drop(AsyncGuard::with_reaper(&reaper, (), |()| async { Ok::<_, std::io::Error>(()) }));
+    /// assert_eq!(reaper.shutdown(std::time::Duration::from_secs(5)).await.completed(), 1);
+    /// # });
+    /// ```
+    #[track_caller]
+    #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
+    pub fn with_reaper<F, Fut, E>(reaper: &Reaper, value: T, cleanup: F) -> AsyncGuard<T>
+    where
+        F: FnOnce(T) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        AsyncGuard::builder().reaper(reaper).build(value, cleanup)
+    }
+
+    /// Options beyond the cleanup: the ledger kind, a description of the resource for
+    /// events, the reaper, the runtime, and a synchronous fallback. Guards built on
+    /// `AsyncGuard` (an async socket, a child process) use it to report under their own
+    /// kind.
+    ///
+    /// ```
+    /// use custodian::ledger::Kind;
+    /// use custodian::rt::AsyncGuard;
+    ///
+    /// static SESSION: Kind = Kind::new("myapp::Session");
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let session = AsyncGuard::builder()
+    ///     .kind(&SESSION)
+    ///     .resource("session 7 with 10.0.0.2:443")
+    ///     .fallback(|id: u32| eprintln!("session {id}: no runtime left, logged out locally"))
+    ///     .build(7u32, |id| async move { Ok::<_, std::io::Error>(()) });
+    /// assert_eq!(custodian::ledger::snapshot().get("myapp::Session").live(), 1);
+    /// session.close().await.unwrap();
+    /// # });
+    /// ```
+    pub fn builder() -> AsyncGuardBuilder<T> {
+        AsyncGuardBuilder {
+            kind: &KIND,
+            resource: None,
+            reaper: ReaperRef::Global,
+            handle: None,
+            fallback: None,
+        }
+    }
+
+    /// Runs the cleanup now and returns its error. This is the normal way to end a
+    /// guard.
+    ///
+    /// # Errors
+    /// The cleanup's error, boxed (downcast it to get the original type back).
+    ///
+    /// # Panics
+    /// A panic in the cleanup goes on to the caller (it is not handed to the reaper).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe in the sense that matters: if this future is dropped before it
+    /// finishes (a `select!`, a `timeout`, an aborted task), the rest of the cleanup is
+    /// handed to the reaper and runs to completion there; it is never lost and never
+    /// runs twice. Its error is then reported like that of a dropped guard.
+    ///
+    /// ```
+    /// use custodian::rt::AsyncGuard;
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let guard = AsyncGuard::new((), |()| async { Err::<(), _>("unlock refused") });
+    /// let err = guard.close().await.unwrap_err();
+    /// assert_eq!(err.to_string(), "unlock refused");
+    /// # });
+    /// ```
+    pub async fn close(mut self) -> Result<(), BoxError> {
+        let Some(parts) = self.parts.take() else {
+            return Ok(());
+        };
+        let Parts {
+            value,
+            erased,
+            owner,
+            handle,
+            reaper,
+        } = parts;
+        let mut in_flight = InFlight {
+            fut: Some(Erased::take(erased).cleanup.call(value)),
+            owner: Some(owner),
+            handle,
+            reaper,
+        };
+        let result = poll_fn(|cx| {
+            let Some(fut) = in_flight.fut.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+                Ok(poll) => poll,
+                Err(payload) => {
+                    // A panicked future is never polled again, nor handed on.
+                    in_flight.fut = None;
+                    resume_unwind(payload)
+                }
+            }
+        })
+        .await;
+        in_flight.fut = None;
+        result
+    }
+
+    /// Takes the value out without running the cleanup.
+    ///
+    /// An associated function, not a method, so that it cannot clash with a method of
+    /// `T` reached through `Deref`.
+    ///
+    /// ```
+    /// use custodian::rt::AsyncGuard;
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let guard = AsyncGuard::new(5, |_| async { panic!("never runs"); Ok::<_, std::io::Error>(()) });
+    /// assert_eq!(AsyncGuard::into_inner(guard), 5);
+    /// # });
+    /// ```
+    pub fn into_inner(mut guard: AsyncGuard<T>) -> T {
+        match guard.parts.take() {
+            Some(parts) => parts.value,
+            // `parts` is `Some` for the whole life of a guard the caller can hold.
+            None => unreachable!("AsyncGuard used after it was consumed"),
+        }
+    }
+
+    fn parts(&self) -> &Parts<T> {
+        match &self.parts {
+            Some(p) => p,
+            None => unreachable!("AsyncGuard used after it was consumed"),
+        }
+    }
+}
+
+/// The rest of an interrupted `close`: handed to the reaper if the `close` future is
+/// dropped before it finished.
+struct InFlight {
+    fut: Option<BoxFuture<Result<(), BoxError>>>,
+    owner: Option<Owner>,
+    handle: Option<Handle>,
+    reaper: ReaperRef,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let (Some(fut), Some(owner)) = (self.fut.take(), self.owner.take()) {
+            owner.ticket.dropped_without_close(&owner.resource);
+            self.reaper
+                .inner()
+                .spawn_job(self.handle.take(), owner, FutureJob(fut));
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for AsyncGuard<T> {
+    fn drop(&mut self) {
+        if let Some(parts) = self.parts.take() {
+            parts.defer();
+        }
+    }
+}
+
+impl<T: Send + 'static> Parts<T> {
+    fn defer(self) {
+        self.owner
+            .ticket
+            .dropped_without_close(&self.owner.resource);
+        let Erased { cleanup, fallback } = Erased::take(self.erased);
+        let ctx = DeferCtx {
+            fallback,
+            reaper: self.reaper.inner(),
+            handle: self.handle,
+            owner: self.owner,
+        };
+        cleanup.defer(self.value, ctx);
+    }
+}
+
+impl<T: Send + 'static> Deref for AsyncGuard<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.parts().value
+    }
+}
+
+impl<T: Send + 'static> DerefMut for AsyncGuard<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        match &mut self.parts {
+            Some(p) => &mut p.value,
+            None => unreachable!("AsyncGuard used after it was consumed"),
+        }
+    }
+}
+
+/// Closing the guard runs its cleanup ([`AsyncGuard::close`]).
+impl<T: Send + 'static> AsyncClose for AsyncGuard<T> {
+    type Error = BoxError;
+
+    fn close(self) -> impl Future<Output = Result<(), BoxError>> + Send {
+        AsyncGuard::close(self)
+    }
+}
+
+impl<T: Send + 'static + fmt::Debug> fmt::Debug for AsyncGuard<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts = self.parts();
+        f.debug_struct("AsyncGuard")
+            .field("value", &parts.value)
+            .field("kind", &parts.owner.ticket.kind())
+            .field("site", &format_args!("{}", parts.owner.ticket.site()))
+            .finish()
+    }
+}
+
+/// Builds an [`AsyncGuard`] with options; made by [`AsyncGuard::builder`].
+#[must_use = "a builder does nothing until `build`"]
+pub struct AsyncGuardBuilder<T> {
+    kind: &'static Kind,
+    resource: Option<Cow<'static, str>>,
+    reaper: ReaperRef,
+    handle: Option<Handle>,
+    fallback: Option<Fallback<T>>,
+}
+
+impl<T: Send + 'static> AsyncGuardBuilder<T> {
+    /// The ledger kind the guard is counted under (default `custodian::rt::AsyncGuard`).
+    ///
+    /// ```
+    /// static CONN: custodian::ledger::Kind = custodian::ledger::Kind::new("myapp::Conn");
+    /// let builder = custodian::rt::AsyncGuard::<u8>::builder().kind(&CONN);
+    /// # drop(builder);
+    /// ```
+    pub fn kind(mut self, kind: &'static Kind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// What the events name as the resource: a path, an address, a pid (default: the
+    /// type name of `T`).
+    ///
+    /// ```
+    /// let builder = custodian::rt::AsyncGuard::<u8>::builder().resource(format!("pid {}", 42));
+    /// # drop(builder);
+    /// ```
+    pub fn resource(mut self, resource: impl Into<Cow<'static, str>>) -> Self {
+        self.resource = Some(resource.into());
+        self
+    }
+
+    /// The reaper that runs the cleanup if the guard is dropped (default:
+    /// [`Reaper::global`]).
+    ///
+    /// ```
+    /// let reaper = custodian::rt::Reaper::new();
+    /// let builder = custodian::rt::AsyncGuard::<u8>::builder().reaper(&reaper);
+    /// # drop(builder);
+    /// ```
+    pub fn reaper(mut self, reaper: &Reaper) -> Self {
+        self.reaper = ReaperRef::Owned(reaper.clone());
+        self
+    }
+
+    /// The runtime the cleanup runs on if the guard is dropped (default: the runtime
+    /// current at `build`, else the reaper's).
+    ///
+    /// ```
+    /// let rt = tokio::runtime::Runtime::new()?;
+    /// let builder = custodian::rt::AsyncGuard::<u8>::builder().handle(rt.handle().clone());
+    /// # drop(builder);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn handle(mut self, handle: Handle) -> Self {
+        self.handle = Some(handle);
+        self
+    }
+
+    /// A synchronous cleanup run with the value when the async one cannot run at all
+    /// (no runtime, the runtime shut down before it started, the reaper already shut
+    /// down). It runs in `Drop` or in the runtime's shutdown, so keep it short and
+    /// non-blocking. The loss is reported either way.
+    ///
+    /// ```
+    /// use custodian::rt::AsyncGuard;
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    ///
+    /// static FELL_BACK: AtomicBool = AtomicBool::new(false);
+    /// // No runtime here: the async cleanup cannot run, the fallback does.
+    /// let guard = AsyncGuard::builder()
+    ///     .fallback(|_: u8| FELL_BACK.store(true, Ordering::SeqCst))
+    ///     .build(1u8, |_| async { Ok::<_, std::io::Error>(()) });
+    /// drop(guard);
+    /// assert!(FELL_BACK.load(Ordering::SeqCst));
+    /// ```
+    pub fn fallback(mut self, fallback: impl FnOnce(T) + Send + 'static) -> Self {
+        self.fallback = Some(Box::new(fallback));
+        self
+    }
+
+    /// Creates the guard; the caller's location is recorded in the ledger.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let guard = custodian::rt::AsyncGuard::builder()
+    ///     .build(String::from("x"), |s| async move { Ok::<_, std::io::Error>(()) });
+    /// guard.close().await.unwrap();
+    /// # });
+    /// ```
+    #[track_caller]
+    #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
+    pub fn build<F, Fut, E>(self, value: T, cleanup: F) -> AsyncGuard<T>
+    where
+        F: FnOnce(T) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let ticket = Ticket::new(self.kind);
+        AsyncGuard {
+            parts: Some(Parts {
+                value,
+                erased: Mutex::new(Erased {
+                    cleanup: Box::new(cleanup),
+                    fallback: self.fallback,
+                }),
+                owner: Owner::new(
+                    ticket,
+                    self.resource.unwrap_or(Cow::Borrowed(type_name::<T>())),
+                ),
+                handle: self.handle.or_else(|| Handle::try_current().ok()),
+                reaper: self.reaper,
+            }),
+        }
+    }
+}
+
+impl<T> fmt::Debug for AsyncGuardBuilder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncGuardBuilder")
+            .field("kind", &self.kind.name())
+            .field("resource", &self.resource)
+            .field("has_fallback", &self.fallback.is_some())
+            .finish()
+    }
+}
