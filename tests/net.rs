@@ -450,6 +450,34 @@ mod tokio_twins {
     }
 
     #[test]
+    fn dropped_async_guard_still_delivers_every_byte() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let client = tokio::spawn(async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream.write_all(&[b'?'; 64 * 1024]).await.unwrap();
+                let mut got = Vec::new();
+                stream.read_to_end(&mut got).await.unwrap();
+                got.len()
+            });
+            let (server, _) = listener.accept().await.unwrap();
+            let mut server = GracefulClose::new()
+                .deadline(Duration::from_secs(30))
+                .guard_async(server);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            server.write_all(&vec![b'r'; RESPONSE]).await.unwrap();
+            drop(server); // e.g. a `?` return: the reaper does the graceful close
+            assert_eq!(client.await.unwrap(), RESPONSE);
+        });
+    }
+
+    #[test]
     fn tokio_stream_close_times_out_naming_the_peer() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

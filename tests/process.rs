@@ -430,26 +430,84 @@ mod tokio_guard {
         assert!(zombie_children().is_empty());
     }
 
+    /// Spawns a tokio child ignoring SIGTERM and waits until its trap is set.
+    async fn spawn_ignoring_term(grace: Duration) -> AsyncChildGuard {
+        let mut cmd = tokio_sh("trap '' TERM; echo ready; exec sleep 30");
+        cmd.stdout(Stdio::piped());
+        let mut child = ChildOptions::new().grace(grace).spawn_async(cmd).unwrap();
+        let mut ready = String::new();
+        tokio::io::BufReader::new(child.stdout().take().unwrap())
+            .read_line(&mut ready)
+            .await
+            .unwrap();
+        assert_eq!(ready.trim(), "ready");
+        child
+    }
+
+    /// Waits up to 10 s until `pid` is no longer a child of this process (reaped).
+    async fn reaped(pid: u32) -> bool {
+        let me = std::process::id();
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if !matches!(proc_state(pid), Some((_, ppid)) if ppid == me) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     #[test]
-    fn async_drop_kills_at_once() {
+    fn dropped_guard_hands_the_graceful_stop_to_the_reaper() {
         let _serial = serial();
         runtime().block_on(async {
+            let child = spawn_ignoring_term(Duration::from_millis(200)).await;
+            let pid = child.id();
+            let start = Instant::now();
+            drop(child); // returns at once: the stop runs in the reaper
+            assert!(start.elapsed() < Duration::from_millis(150));
+            assert!(
+                running(pid),
+                "killed at once instead of after the grace period"
+            );
+            assert!(reaped(pid).await, "the reaper did not stop and reap {pid}");
+            assert!(start.elapsed() >= Duration::from_millis(200));
+        });
+        assert!(zombie_children().is_empty());
+    }
+
+    #[test]
+    fn cancelled_close_is_finished_by_the_reaper() {
+        let _serial = serial();
+        runtime().block_on(async {
+            let child = spawn_ignoring_term(Duration::from_millis(300)).await;
+            let pid = child.id();
+            let cancelled = tokio::time::timeout(Duration::from_millis(50), child.close()).await;
+            assert!(cancelled.is_err(), "close finished within the timeout");
+            assert!(reaped(pid).await, "the cancelled stop was lost for {pid}");
+        });
+        assert!(zombie_children().is_empty());
+    }
+
+    #[test]
+    fn dropped_outside_any_runtime_the_child_is_killed_and_the_loss_reported() {
+        let _serial = serial();
+        let rt = runtime();
+        let child = rt.block_on(async {
             let mut cmd = tokio::process::Command::new("sleep");
             cmd.arg("30");
-            let child = AsyncChildGuard::spawn(cmd).unwrap();
-            let pid = child.id();
-            drop(child);
-            assert!(stops_running(pid));
-            // tokio reaps the dropped child in the background.
-            let until = Instant::now() + Duration::from_secs(10);
-            while zombie_children().contains(&pid) && Instant::now() < until {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            assert!(
-                !zombie_children().contains(&pid),
-                "tokio did not reap {pid}"
-            );
+            AsyncChildGuard::spawn(cmd).unwrap()
         });
+        let pid = child.id();
+        drop(rt);
+        let ((), events) = common::capture(|| drop(child));
+        assert_eq!(common::errors(&events).len(), 1, "{events:?}");
+        assert!(stops_running(pid));
+        // Nobody is left to reap it here: do it by hand to keep the zombie checks clean.
+        if matches!(proc_state(pid), Some(('Z', _))) {
+            let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use super::unix::{SocketPath, bind};
 use super::with_context;
 use crate::Close;
 use crate::ledger::{Kind, Ticket};
-use crate::rt::AsyncClose;
+use crate::rt::{AsyncClose, AsyncGuard};
 
 static KIND: Kind = Kind::new("custodian::net::AsyncUnixListenerGuard");
 
@@ -273,6 +273,49 @@ impl GracefulClose {
             Ok(result) => result,
             Err(_elapsed) => Err(deadline_error(peer, self.get_deadline())),
         }
+    }
+}
+
+static TCP_KIND: Kind = Kind::new("custodian::net::AsyncTcpStreamGuard");
+
+impl GracefulClose {
+    /// Guards a tokio `stream` with this graceful close as its async cleanup:
+    /// `close().await` runs it and returns its error; dropped without `close` (an early
+    /// return, `?`, a cancelled future), the guard hands it to the
+    /// [`Reaper`](crate::rt::Reaper), so the peer still gets every byte written.
+    ///
+    /// # Panics
+    /// When the graceful close runs outside a tokio runtime with the time driver.
+    ///
+    /// ```
+    /// use custodian::net::GracefulClose;
+    /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    ///
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let mut client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+    /// let mut server = GracefulClose::new().guard_async(listener.accept().await?.0);
+    /// client.write_all(b"a request the server never reads").await?;
+    /// server.write_all(b"bye").await?; // Deref to the stream
+    /// drop(server); // the graceful close goes on in the reaper
+    /// let mut got = Vec::new();
+    /// client.read_to_end(&mut got).await?;
+    /// assert_eq!(got, b"bye");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[track_caller]
+    #[must_use = "dropping the guard hands the graceful close to the reaper at once"]
+    pub fn guard_async(&self, stream: TcpStream) -> AsyncGuard<TcpStream> {
+        let how = *self;
+        let resource = format!("TCP connection to {}", Peer(stream.peer_addr().ok()));
+        AsyncGuard::builder()
+            .kind(&TCP_KIND)
+            .resource(resource)
+            .build(stream, move |stream| async move {
+                how.close_async(stream).await
+            })
     }
 }
 

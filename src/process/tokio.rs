@@ -2,18 +2,16 @@
 
 use std::fmt;
 use std::io;
-use std::mem::ManuallyDrop;
 use std::process::ExitStatus;
-use std::ptr;
 use std::time::Duration;
 
 use process_wrap::tokio::{ChildWrapper, CommandWrap, ProcessGroup};
 use tokio::process::{ChildStderr, ChildStdin, ChildStdout, Command};
 
 use super::{ChildOptions, CloseError, Signal, sys};
-use crate::ledger::{Kind, Ticket};
+use crate::ledger::Kind;
 use crate::net::with_context;
-use crate::rt::AsyncClose;
+use crate::rt::{AsyncClose, AsyncGuard};
 
 static KIND: Kind = Kind::new("custodian::process::AsyncChildGuard");
 
@@ -22,10 +20,12 @@ static KIND: Kind = Kind::new("custodian::process::AsyncChildGuard");
 /// blocking a thread, sends `SIGKILL` if the child is still running, and always reaps
 /// it. A child that already exited is just reaped.
 ///
-/// Dropped without `close`, the guard cannot wait: it sends `SIGKILL` at once (to the
-/// group if spawned in one) and leaves the reap to tokio's background reaping of
-/// dropped children, reporting that as a `debug` event. Close it to get the grace
-/// period, the exit status and a guaranteed reap.
+/// Built on [`AsyncGuard`]: dropped without `close` (an early return, `?`, a panic, a
+/// cancelled future), the same stop — signal, grace period, `SIGKILL`, reap — is handed
+/// to the [`Reaper`](crate::rt::Reaper) and runs to completion on the runtime; a failure
+/// there is a tracing `error` event and a ledger failure. With no runtime left to run
+/// it on, the child gets `SIGKILL` at once and its reap is left to tokio's background
+/// reaping of dropped children.
 ///
 /// ```
 /// use custodian::process::AsyncChildGuard;
@@ -40,12 +40,20 @@ static KIND: Kind = Kind::new("custodian::process::AsyncChildGuard");
 /// # })?;
 /// # Ok::<(), std::io::Error>(())
 /// ```
-#[must_use = "dropping the guard kills the child at once"]
+#[must_use = "dropping the guard hands the child's stop to the reaper"]
 pub struct AsyncChildGuard {
+    /// The child, with its stop as the async cleanup that a dropped guard hands to the
+    /// reaper.
+    inner: AsyncGuard<ChildState>,
+}
+
+/// What the stop needs; `status` is set once the child is reaped, after which it is
+/// never signalled again.
+struct ChildState {
     child: Box<dyn ChildWrapper>,
     pid: u32,
     options: ChildOptions,
-    ticket: Ticket,
+    status: Option<ExitStatus>,
 }
 
 impl ChildOptions {
@@ -71,7 +79,6 @@ impl ChildOptions {
     #[track_caller]
     #[must_use = "dropping the guard kills the child at once"]
     pub fn spawn_async(&self, command: Command) -> io::Result<AsyncChildGuard> {
-        let site = std::panic::Location::caller();
         let program = command.as_std().get_program().to_owned();
         let mut command = CommandWrap::from(command);
         if self.group {
@@ -87,12 +94,21 @@ impl ChildOptions {
         let pid = child
             .id()
             .ok_or_else(|| context(io::Error::other("the spawned child has no pid")))?;
-        Ok(AsyncChildGuard {
+        let state = ChildState {
             child,
             pid,
             options: *self,
-            ticket: Ticket::at(&KIND, site),
-        })
+            status: None,
+        };
+        let inner = AsyncGuard::builder()
+            .kind(&KIND)
+            .resource(format!("child process {pid}"))
+            .fallback(ChildState::kill_now)
+            .build(
+                state,
+                |mut state| async move { state.stop().await.map(drop) },
+            );
+        Ok(AsyncChildGuard { inner })
     }
 }
 
@@ -130,7 +146,7 @@ impl AsyncChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn id(&self) -> u32 {
-        self.pid
+        self.inner.pid
     }
 
     /// The options the child is stopped with.
@@ -144,7 +160,7 @@ impl AsyncChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn options(&self) -> &ChildOptions {
-        &self.options
+        &self.inner.options
     }
 
     /// The child's stdin, if it was piped.
@@ -161,7 +177,7 @@ impl AsyncChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn stdin(&mut self) -> &mut Option<ChildStdin> {
-        self.child.stdin()
+        self.inner.child.stdin()
     }
 
     /// The child's stdout, if it was piped.
@@ -180,7 +196,7 @@ impl AsyncChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn stdout(&mut self) -> &mut Option<ChildStdout> {
-        self.child.stdout()
+        self.inner.child.stdout()
     }
 
     /// The child's stderr, if it was piped.
@@ -196,7 +212,7 @@ impl AsyncChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn stderr(&mut self) -> &mut Option<ChildStderr> {
-        self.child.stderr()
+        self.inner.child.stderr()
     }
 
     /// The exit status if the child has exited, without reaping it.
@@ -215,7 +231,7 @@ impl AsyncChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
-        sys::exited(self.pid).map_err(|e| self.context(e))
+        self.inner.try_wait()
     }
 
     /// Waits for the child to exit by itself, without reaping it (the guard reaps at
@@ -236,9 +252,7 @@ impl AsyncChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        let status = sys::wait_exited_async(self.pid, None)
-            .await
-            .map_err(|e| self.context(e))?;
+        let status = self.inner.wait_exited(None).await?;
         Ok(status.expect("waiting without a limit returns only at exit"))
     }
 
@@ -262,9 +276,7 @@ impl AsyncChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub async fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
-        sys::wait_exited_async(self.pid, Some(timeout))
-            .await
-            .map_err(|e| self.context(e))
+        self.inner.wait_exited(Some(timeout)).await
     }
 
     /// Sends `signal` to the child, or to its whole group if spawned in one. Safe
@@ -286,9 +298,7 @@ impl AsyncChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn signal(&self, signal: Signal) -> io::Result<()> {
-        self.child
-            .signal(signal.as_raw())
-            .map_err(|e| self.context(e))
+        self.inner.signal(signal)
     }
 
     /// Stops the child (unless it already exited) and reaps it; returns its exit
@@ -299,8 +309,9 @@ impl AsyncChildGuard {
     /// reaped.
     ///
     /// # Cancel safety
-    /// Not cancel safe: cancelled, the guard is dropped, which kills the child with
-    /// `SIGKILL` at once and leaves its reap to tokio.
+    /// Cancelled (a `select!`, a `timeout`, an aborted task), the rest of the stop is
+    /// handed to the reaper: the child is still stopped and reaped, never signalled
+    /// after its reap.
     ///
     /// ```
     /// use std::os::unix::process::ExitStatusExt;
@@ -321,9 +332,11 @@ impl AsyncChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub async fn close(mut self) -> Result<ExitStatus, CloseError<AsyncChildGuard>> {
-        match self.stop().await {
+        // The stop runs on the state still inside the `AsyncGuard`: if this future is
+        // cancelled, the guard drops and the reaper finishes the stop.
+        match self.inner.stop().await {
             Ok(status) => {
-                let (_child, _ticket) = self.into_parts();
+                drop(AsyncGuard::into_inner(self.inner));
                 Ok(status)
             }
             Err(e) => Err(CloseError::new(e, self)),
@@ -343,70 +356,88 @@ impl AsyncChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn into_inner(guard: AsyncChildGuard) -> Box<dyn ChildWrapper> {
-        guard.into_parts().0
+        AsyncGuard::into_inner(guard.inner).child
     }
+}
 
-    fn into_parts(self) -> (Box<dyn ChildWrapper>, Ticket) {
-        let this = ManuallyDrop::new(self);
-        // SAFETY: `this` is never used or dropped again, so each field with a destructor
-        // is moved out exactly once (`pid` and `options` are `Copy`).
-        unsafe { (ptr::read(&this.child), ptr::read(&this.ticket)) }
-    }
-
+impl ChildState {
     fn context(&self, e: io::Error) -> io::Error {
         with_context(e, format_args!("child process {}", self.pid))
     }
 
+    fn try_wait(&self) -> io::Result<Option<ExitStatus>> {
+        if let Some(status) = self.status {
+            return Ok(Some(status));
+        }
+        sys::exited(self.pid).map_err(|e| self.context(e))
+    }
+
+    async fn wait_exited(&self, timeout: Option<Duration>) -> io::Result<Option<ExitStatus>> {
+        if let Some(status) = self.status {
+            return Ok(Some(status));
+        }
+        sys::wait_exited_async(self.pid, timeout)
+            .await
+            .map_err(|e| self.context(e))
+    }
+
+    fn signal(&self, signal: Signal) -> io::Result<()> {
+        if self.status.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "child process {} was reaped: not signalling its pid",
+                    self.pid
+                ),
+            ));
+        }
+        self.child
+            .signal(signal.as_raw())
+            .map_err(|e| self.context(e))
+    }
+
+    /// The stop sequence; every signal is sent before the reap. Run again after it
+    /// completed (a close cancelled just after the reap), it returns the status.
     async fn stop(&mut self) -> io::Result<ExitStatus> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
         if self.try_wait()?.is_none() {
             self.signal(self.options.signal)?;
-            let exited = sys::wait_exited_async(self.pid, Some(self.options.grace))
-                .await
-                .map_err(|e| self.context(e))?;
-            if exited.is_none() {
+            if self.wait_exited(Some(self.options.grace)).await?.is_none() {
                 self.signal(Signal::KILL)?;
             }
         }
         if self.options.group {
-            self.kill_stragglers()?;
+            // Whatever is left of the group; `ESRCH` (nothing left) is fine.
+            match self.child.signal(Signal::KILL.as_raw()) {
+                Err(e) if e.raw_os_error() != Some(rustix::io::Errno::SRCH.raw_os_error()) => {
+                    return Err(self.context(e));
+                }
+                _ => {}
+            }
         }
-        self.child.wait().await.map_err(|e| self.context(e))
+        let status = self.child.wait().await.map_err(|e| self.context(e))?;
+        self.status = Some(status);
+        Ok(status)
     }
 
-    /// `SIGKILL` to whatever is left of the group; `ESRCH` (nothing left) is fine.
-    fn kill_stragglers(&self) -> io::Result<()> {
-        match self.child.signal(Signal::KILL.as_raw()) {
-            Err(e) if e.raw_os_error() != Some(rustix::io::Errno::SRCH.raw_os_error()) => {
-                Err(self.context(e))
-            }
-            _ => Ok(()),
+    /// With no runtime to run the stop on: `SIGKILL` now (the pid is still ours); the
+    /// reap is left to tokio's background reaping of dropped children.
+    fn kill_now(self) {
+        if self.status.is_none() {
+            let _ = self.child.signal(Signal::KILL.as_raw());
         }
     }
 }
 
-impl Drop for AsyncChildGuard {
-    fn drop(&mut self) {
-        // No `.await` here: kill now (the pid is still ours, unreaped), and let tokio
-        // reap the dropped child in the background.
-        match self.try_wait() {
-            Ok(Some(_)) if !self.options.group => {}
-            Ok(_) => {
-                if let Err(e) = self.signal(Signal::KILL) {
-                    self.ticket
-                        .failure(&format_args!("child process {}", self.pid), &e);
-                    return;
-                }
-            }
-            Err(e) => {
-                self.ticket
-                    .failure(&format_args!("child process {}", self.pid), &e);
-                return;
-            }
-        }
-        self.ticket.dropped_without_close(&format_args!(
-            "child process {} (killed; reaped by tokio in the background)",
-            self.pid
-        ));
+impl fmt::Debug for ChildState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChildState")
+            .field("pid", &self.pid)
+            .field("options", &self.options)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
     }
 }
 
@@ -421,8 +452,8 @@ impl AsyncClose for AsyncChildGuard {
 impl fmt::Debug for AsyncChildGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AsyncChildGuard")
-            .field("pid", &self.pid)
-            .field("options", &self.options)
+            .field("pid", &self.inner.pid)
+            .field("options", &self.inner.options)
             .finish_non_exhaustive()
     }
 }
