@@ -8,8 +8,10 @@
 //! - [`GracefulClose`] and [`TcpStreamGuard`] close a TCP connection gracefully: shut
 //!   down the write side, drain what the peer still sends until it closes or a deadline
 //!   passes, then close. `TcpStream` also implements [`Close`](crate::Close) this way.
-//! - With feature `tokio`: [`AsyncUnixListenerGuard`] and
-//!   [`AsyncClose`](crate::rt::AsyncClose) for `tokio::net::TcpStream`.
+//! - With feature `tokio`: [`AsyncUnixListenerGuard`],
+//!   [`AsyncClose`](crate::rt::AsyncClose) for `tokio::net::TcpStream`, and
+//!   [`GracefulClose::guard_async`], whose dropped guard hands the graceful close to the
+//!   [`Reaper`](crate::rt::Reaper).
 //!
 //! ```
 //! use custodian::net::UnixListenerGuard;
