@@ -202,6 +202,22 @@ pub(crate) async fn run_async() -> Result<()> {
     let status = child.close().await?;
     println!("async child ignoring SIGTERM: {status}; {}", describe(pid));
 
+    // Dropped without close (an early return, `?`, a cancelled future): the reaper
+    // stops and reaps it.
+    let mut cmd = tokio::process::Command::new("sleep");
+    cmd.arg("60");
+    let child = custodian::process::AsyncChildGuard::spawn(cmd)?;
+    let pid = child.id();
+    drop(child);
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !describe(pid).ends_with("gone") && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "async child dropped, stopped by the reaper: {}",
+        describe(pid)
+    );
+
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mut client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
     let (mut server, _) = listener.accept().await?;
