@@ -5,6 +5,7 @@
 
 mod foundation;
 mod fs;
+mod net_process;
 #[cfg(feature = "tokio")]
 mod rt;
 
@@ -27,6 +28,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     chapter("Files: atomic rewrite, lock files, checked close");
     fs::run(dir.path())?;
 
+    chapter("Sockets, child processes and lock hold times");
+    net_process::run(dir.path())?;
+    #[cfg(feature = "tokio")]
+    tokio::runtime::Runtime::new()?.block_on(net_process::run_async())?;
     #[cfg(feature = "tokio")]
     {
         chapter("Async cleanup that survives cancellation (custodian::rt)");
