@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_else(|_| "custodian=debug".into()),
         )
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .without_time()
         .init();
     custodian::ledger::track_sites(true);
@@ -23,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::panic::set_hook(Box::new(|info| println!("(panic: {info})")));
 
     let dir = tempfile::tempdir()?;
-    chapter("1. Scopes, rollbacks and cleanup stacks");
+    chapter("Scopes, rollbacks and cleanup stacks");
     foundation::run(dir.path())?;
     chapter("Files: atomic rewrite, lock files, checked close");
     fs::run(dir.path())?;
