@@ -9,6 +9,10 @@
 //!   ([`CleanupStack`], [`ScopeError`]);
 //! - a file must be replaced atomically, locked across processes, closed with its errors
 //!   checked, or removed with its removal checked ([`fs`]);
+//! - a socket, a child process or a lock needs cleanup std does not do: a Unix socket
+//!   path unlinked, a child stopped and reaped, a TCP connection closed without losing
+//!   the last response, a warning when a lock is held too long ([`net`], [`process`],
+//!   [`sync`]);
 //! - you want to know which resources are alive and where they were acquired, and to
 //!   fail a test that leaks one ([`ledger`]);
 //! - an async cleanup (a goodbye frame, an unlock) must run even when the future holding
@@ -64,6 +68,10 @@ mod close;
 mod error;
 pub mod fs;
 pub mod ledger;
+#[cfg(unix)]
+pub mod net;
+#[cfg(unix)]
+pub mod process;
 mod rollback;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
@@ -71,6 +79,7 @@ pub mod rt;
 mod scope;
 mod slot;
 mod stack;
+pub mod sync;
 
 pub use close::Close;
 pub use error::{BoxError, CleanupError, CleanupErrors};

@@ -5,6 +5,7 @@
 
 mod foundation;
 mod fs;
+mod net_process;
 #[cfg(feature = "tokio")]
 mod rt;
 
@@ -15,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_else(|_| "custodian=debug".into()),
         )
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .without_time()
         .init();
     custodian::ledger::track_sites(true);
@@ -22,11 +24,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::panic::set_hook(Box::new(|info| println!("(panic: {info})")));
 
     let dir = tempfile::tempdir()?;
-    chapter("1. Scopes, rollbacks and cleanup stacks");
+    chapter("Scopes, rollbacks and cleanup stacks");
     foundation::run(dir.path())?;
     chapter("Files: atomic rewrite, lock files, checked close");
     fs::run(dir.path())?;
 
+    chapter("Sockets, child processes and lock hold times");
+    net_process::run(dir.path())?;
+    #[cfg(feature = "tokio")]
+    tokio::runtime::Runtime::new()?.block_on(net_process::run_async())?;
     #[cfg(feature = "tokio")]
     {
         chapter("Async cleanup that survives cancellation (custodian::rt)");

@@ -16,7 +16,7 @@ use tracing::Level;
 /// Emits with `emit`; on a panic, writes `fallback` to stderr instead.
 #[cold]
 #[inline(never)]
-fn shielded(emit: impl FnOnce(), fallback: fmt::Arguments<'_>) {
+pub(crate) fn shielded(emit: impl FnOnce(), fallback: fmt::Arguments<'_>) {
     if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(emit)) {
         if let Err(again) = panic::catch_unwind(AssertUnwindSafe(|| drop(payload))) {
             std::mem::forget(again);

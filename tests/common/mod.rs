@@ -1,9 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Metadata, Subscriber, span};
@@ -23,12 +24,22 @@ impl Captured {
     }
 }
 
-/// A subscriber that records every event; install it with `capture`.
-#[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<Captured>>>);
+/// The events recorded on this thread while `capture` runs.
+type Sink = Arc<Mutex<Vec<Captured>>>;
+
+thread_local! {
+    static SINK: RefCell<Option<Sink>> = const { RefCell::new(None) };
+}
+
+/// One global subscriber that hands each event to the capturing thread's sink.
+///
+/// A scoped subscriber per test (`with_default`) would be simpler, but tracing keeps one
+/// process-wide max-level hint and callsite interest cache, which tests installing and
+/// dropping scoped subscribers in parallel race on: events are then missed now and then.
+/// A single global subscriber, always interested, has no such race.
+struct Router;
 
 struct Fields<'a>(&'a mut Captured);
-
 impl Visit for Fields<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.record_str(field, &format!("{value:?}"));
@@ -44,7 +55,7 @@ impl Visit for Fields<'_> {
     }
 }
 
-impl Subscriber for Recorder {
+impl Subscriber for Router {
     fn enabled(&self, _: &Metadata<'_>) -> bool {
         true
     }
@@ -61,18 +72,32 @@ impl Subscriber for Recorder {
             fields: BTreeMap::new(),
         };
         event.record(&mut Fields(&mut captured));
-        self.0.lock().unwrap().push(captured);
+        // `try_with`: an event may come from a guard dropped during thread exit.
+        let _ = SINK.try_with(|sink| {
+            if let Some(sink) = sink.borrow().as_ref() {
+                sink.lock().unwrap().push(captured);
+            }
+        });
     }
     fn enter(&self, _: &span::Id) {}
     fn exit(&self, _: &span::Id) {}
 }
 
-/// Runs `f` with a subscriber that records every event on this thread; returns what
-/// `f` returned and the events under target `custodian`.
+/// Runs `f` recording every event emitted on this thread; returns what `f` returned and
+/// the events under target `custodian`.
 pub fn capture<R>(f: impl FnOnce() -> R) -> (R, Vec<Captured>) {
-    let recorder = Recorder::default();
-    let result = tracing::subscriber::with_default(recorder.clone(), f);
-    let events = recorder.0.lock().unwrap().clone();
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        tracing::subscriber::set_global_default(Router).expect("no other global subscriber");
+    });
+    let sink = Sink::default();
+    let previous = SINK.with(|s| s.replace(Some(Arc::clone(&sink))));
+    // Restore the previous sink even if `f` panics.
+    let _restore = scopeguard::guard(previous, |previous| {
+        SINK.with(|s| *s.borrow_mut() = previous);
+    });
+    let result = f();
+    let events = sink.lock().unwrap().clone();
     (
         result,
         events

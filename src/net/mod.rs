@@ -1,0 +1,75 @@
+//! Sockets whose cleanup std does not do: the Unix socket path left on disk after the
+//! listener drops, and the TCP connection reset (and its last response lost) when it is
+//! dropped with unread data.
+//!
+//! - [`UnixListenerGuard`] binds a Unix socket path, replacing a stale socket file
+//!   only when nobody listens on it, and unlinks the path when dropped, only if it
+//!   still names its own socket.
+//! - [`GracefulClose`] and [`TcpStreamGuard`] close a TCP connection gracefully: shut
+//!   down the write side, drain what the peer still sends until it closes or a deadline
+//!   passes, then close. `TcpStream` also implements [`Close`](crate::Close) this way.
+//! - With feature `tokio`: [`AsyncUnixListenerGuard`],
+//!   [`AsyncClose`](crate::rt::AsyncClose) for `tokio::net::TcpStream`, and
+//!   [`GracefulClose::guard_async`], whose dropped guard hands the graceful close to the
+//!   [`Reaper`](crate::rt::Reaper).
+//!
+//! ```
+//! use custodian::net::UnixListenerGuard;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("app.sock");
+//! for _restart in 0..3 {
+//!     let listener = UnixListenerGuard::bind(&path)?; // never "address in use"
+//!     // ... serve ...
+//!     drop(listener); // the socket file is removed
+//! }
+//! assert!(!path.exists());
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+use std::error::Error;
+use std::fmt;
+use std::io;
+
+mod tcp;
+#[cfg(feature = "tokio")]
+mod tokio;
+mod unix;
+
+pub use tcp::{GracefulClose, TcpStreamGuard};
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub use tokio::AsyncUnixListenerGuard;
+pub use unix::{SUN_PATH_MAX, UnixListenerGuard};
+
+/// An I/O error with what it concerns (a path, an address, a pid) in front of the
+/// original message, keeping the original `ErrorKind` and the original error as its
+/// `source` (tempfile's `with_err_path`).
+#[derive(Debug)]
+struct Context {
+    context: String,
+    source: io::Error,
+}
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.context, self.source)
+    }
+}
+
+impl Error for Context {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Wraps `error` with `context`, keeping its kind.
+pub(crate) fn with_context(error: io::Error, context: impl fmt::Display) -> io::Error {
+    io::Error::new(
+        error.kind(),
+        Context {
+            context: context.to_string(),
+            source: error,
+        },
+    )
+}

@@ -1,0 +1,303 @@
+//! Child processes that are stopped and reaped on every path: no orphans left running,
+//! no zombies left behind.
+//!
+//! std's `Child` is neither killed nor reaped when dropped: the process runs on, and
+//! once it exits it stays a zombie until the parent exits. tokio's `kill_on_drop` kills
+//! but does not promise the reap. [`ChildGuard`] (and, with feature `tokio`,
+//! [`AsyncChildGuard`]) do both, gracefully: on close or drop they send `SIGTERM` (or
+//! the signal you choose), give the child a grace period, send `SIGKILL` if it is still
+//! there, and always wait for its exit status. Spawned in its own process group, the
+//! whole group is signalled, so grandchildren go too.
+//!
+//! Spawning and group reaping come from the `process-wrap` crate; custodian adds the
+//! graceful stop, the reap guarantee and pid-reuse safety: the guard only reaps after
+//! its last signal, and an unreaped child (even a zombie) keeps its pid and group id
+//! reserved, so a signal can never hit an unrelated process that recycled the pid.
+//!
+//! ```
+//! use custodian::process::ChildOptions;
+//! use std::process::Command;
+//! use std::time::Duration;
+//!
+//! let mut cmd = Command::new("sh");
+//! cmd.args(["-c", "sleep 30 & sleep 30"]); // a child with a grandchild
+//! let child = ChildOptions::new()
+//!     .process_group(true)
+//!     .grace(Duration::from_secs(2))
+//!     .spawn(cmd)?;
+//! let status = child.close()?; // SIGTERM to the group, reaped
+//! assert!(!status.success());
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! A process group does not contain a descendant that calls `setsid` (a daemon): that
+//! one escapes, as it does from every process-group based tool.
+
+use std::error::Error;
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+mod child;
+mod sys;
+#[cfg(feature = "tokio")]
+mod tokio;
+
+pub use child::ChildGuard;
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub use tokio::AsyncChildGuard;
+
+/// A signal to stop a child with.
+///
+/// ```
+/// use custodian::process::Signal;
+/// assert_eq!(Signal::TERM.as_raw(), 15);
+/// assert_eq!(Signal::from_raw(2), Signal::INT);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Signal(i32);
+
+impl Signal {
+    /// `SIGTERM`, the default: "please stop".
+    pub const TERM: Signal = Signal(rustix::process::Signal::TERM.as_raw());
+    /// `SIGINT`, what Ctrl-C sends.
+    pub const INT: Signal = Signal(rustix::process::Signal::INT.as_raw());
+    /// `SIGHUP`.
+    pub const HUP: Signal = Signal(rustix::process::Signal::HUP.as_raw());
+    /// `SIGQUIT`.
+    pub const QUIT: Signal = Signal(rustix::process::Signal::QUIT.as_raw());
+    /// `SIGUSR1`.
+    pub const USR1: Signal = Signal(rustix::process::Signal::USR1.as_raw());
+    /// `SIGUSR2`.
+    pub const USR2: Signal = Signal(rustix::process::Signal::USR2.as_raw());
+    /// `SIGKILL`, which cannot be caught or ignored.
+    pub const KILL: Signal = Signal(rustix::process::Signal::KILL.as_raw());
+
+    /// A signal by number. An invalid number is refused when the signal is sent.
+    ///
+    /// ```
+    /// assert_eq!(custodian::process::Signal::from_raw(9), custodian::process::Signal::KILL);
+    /// ```
+    pub const fn from_raw(signal: i32) -> Signal {
+        Signal(signal)
+    }
+
+    /// The signal's number.
+    ///
+    /// ```
+    /// assert_eq!(custodian::process::Signal::KILL.as_raw(), 9);
+    /// ```
+    pub const fn as_raw(self) -> i32 {
+        self.0
+    }
+}
+
+/// How a child is stopped: which signal first, how long a grace period, whether its
+/// whole process group is signalled. A builder for [`ChildGuard`] (and
+/// [`AsyncChildGuard`]).
+///
+/// ```
+/// use custodian::process::{ChildOptions, Signal};
+/// use std::time::Duration;
+///
+/// let options = ChildOptions::new()
+///     .signal(Signal::INT)
+///     .grace(Duration::from_millis(500))
+///     .process_group(true);
+/// let child = options.spawn(std::process::Command::new("true"))?;
+/// child.close()?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChildOptions {
+    signal: Signal,
+    grace: Duration,
+    group: bool,
+}
+
+impl Default for ChildOptions {
+    fn default() -> Self {
+        ChildOptions::new()
+    }
+}
+
+impl ChildOptions {
+    /// How long a child gets between the first signal and `SIGKILL` by default: 3 s.
+    pub const DEFAULT_GRACE: Duration = Duration::from_secs(3);
+
+    /// `SIGTERM`, a grace period of [`DEFAULT_GRACE`](Self::DEFAULT_GRACE), no process
+    /// group.
+    ///
+    /// ```
+    /// let options = custodian::process::ChildOptions::new();
+    /// assert_eq!(options.get_signal(), custodian::process::Signal::TERM);
+    /// ```
+    pub const fn new() -> ChildOptions {
+        ChildOptions {
+            signal: Signal::TERM,
+            grace: Self::DEFAULT_GRACE,
+            group: false,
+        }
+    }
+
+    /// The signal sent first (default `SIGTERM`).
+    ///
+    /// ```
+    /// use custodian::process::{ChildOptions, Signal};
+    /// assert_eq!(ChildOptions::new().signal(Signal::HUP).get_signal(), Signal::HUP);
+    /// ```
+    #[must_use = "the builder is returned, not changed in place"]
+    pub const fn signal(mut self, signal: Signal) -> ChildOptions {
+        self.signal = signal;
+        self
+    }
+
+    /// How long the child gets to exit after the first signal before `SIGKILL`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let options = custodian::process::ChildOptions::new().grace(Duration::from_secs(10));
+    /// assert_eq!(options.get_grace(), Duration::from_secs(10));
+    /// ```
+    #[must_use = "the builder is returned, not changed in place"]
+    pub const fn grace(mut self, grace: Duration) -> ChildOptions {
+        self.grace = grace;
+        self
+    }
+
+    /// Spawns the child as the leader of a new process group, and signals the whole
+    /// group, so that grandchildren are stopped too (default `false`).
+    ///
+    /// The grace period is the leader's: once it has exited (or been killed), whatever
+    /// is left in its group gets `SIGKILL`.
+    ///
+    /// ```
+    /// assert!(custodian::process::ChildOptions::new().process_group(true).get_process_group());
+    /// ```
+    #[must_use = "the builder is returned, not changed in place"]
+    pub const fn process_group(mut self, group: bool) -> ChildOptions {
+        self.group = group;
+        self
+    }
+
+    /// The signal set with [`signal`](Self::signal).
+    ///
+    /// ```
+    /// let _ = custodian::process::ChildOptions::new().get_signal();
+    /// ```
+    pub const fn get_signal(&self) -> Signal {
+        self.signal
+    }
+
+    /// The grace period set with [`grace`](Self::grace).
+    ///
+    /// ```
+    /// let _ = custodian::process::ChildOptions::new().get_grace();
+    /// ```
+    pub const fn get_grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// Whether the whole process group is signalled.
+    ///
+    /// ```
+    /// assert!(!custodian::process::ChildOptions::new().get_process_group());
+    /// ```
+    pub const fn get_process_group(&self) -> bool {
+        self.group
+    }
+}
+
+/// A close that failed before the child could be reaped (the stop signal was refused,
+/// e.g. `EPERM` for a child that changed user, or the child was reaped by other code):
+/// the error, and the guard given back so that nothing is lost.
+///
+/// Dropping the guard retries the stop and reports a second failure as an event.
+///
+/// ```
+/// use custodian::process::{ChildGuard, CloseError};
+///
+/// fn stop(child: ChildGuard) -> std::io::Result<()> {
+///     match child.close() {
+///         Ok(status) => println!("exited: {status}"),
+///         Err(e) => {
+///             eprintln!("{e}");
+///             let _child: ChildGuard = e.into_guard(); // decide what to do with it
+///         }
+///     }
+///     Ok(())
+/// }
+/// stop(ChildGuard::spawn(std::process::Command::new("true"))?)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct CloseError<G> {
+    error: io::Error,
+    guard: G,
+}
+
+impl<G> CloseError<G> {
+    pub(crate) fn new(error: io::Error, guard: G) -> Self {
+        CloseError { error, guard }
+    }
+
+    /// What went wrong.
+    ///
+    /// ```
+    /// # fn f(e: custodian::process::CloseError<custodian::process::ChildGuard>) {
+    /// let kind = e.error().kind();
+    /// # }
+    /// ```
+    pub fn error(&self) -> &io::Error {
+        &self.error
+    }
+
+    /// The guard, still owning the child.
+    ///
+    /// ```
+    /// # fn f(e: custodian::process::CloseError<custodian::process::ChildGuard>) {
+    /// let child = e.into_guard();
+    /// # }
+    /// ```
+    pub fn into_guard(self) -> G {
+        self.guard
+    }
+
+    /// The error and the guard.
+    ///
+    /// ```
+    /// # fn f(e: custodian::process::CloseError<custodian::process::ChildGuard>) {
+    /// let (error, child) = e.into_parts();
+    /// # }
+    /// ```
+    pub fn into_parts(self) -> (io::Error, G) {
+        (self.error, self.guard)
+    }
+}
+
+impl<G> fmt::Debug for CloseError<G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CloseError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<G> fmt::Display for CloseError<G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl<G> Error for CloseError<G> {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.error.source()
+    }
+}
+
+/// The error alone; the guard is dropped, which retries the stop.
+impl<G> From<CloseError<G>> for io::Error {
+    fn from(e: CloseError<G>) -> io::Error {
+        e.error
+    }
+}
