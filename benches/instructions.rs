@@ -11,6 +11,10 @@
 //!     target/release/deps/instructions-HASH stack8-close 10000
 //! ```
 //!
+//! A plain binary rather than gungraun/iai-callgrind: gungraun 0.20 works with this
+//! valgrind, but needs its runner installed with `cargo install` (about 180 crates) and
+//! adds its library to what `cargo bench --no-run` builds in CI.
+//!
 //! `instructions list` prints the scenario names. Under `cargo bench` (which passes
 //! `--bench`) it runs each scenario once as a smoke test and exits.
 
