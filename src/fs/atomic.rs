@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use tempfile::NamedTempFile;
 
-use super::{imp, path_error};
+use super::imp;
 use crate::Close;
+use crate::io_error::path_error;
 use crate::ledger::{Kind, Ticket};
 
 static KIND: Kind = Kind::new("custodian::fs::AtomicFile");

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::imp::{self, FileId};
-use super::path_error;
 use crate::Close;
+use crate::io_error::path_error;
 use crate::ledger::{Kind, Ticket};
 
 static KIND: Kind = Kind::new("custodian::fs::LockFile");

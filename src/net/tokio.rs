@@ -13,8 +13,8 @@ use tokio::net::{TcpStream, UnixListener};
 
 use super::tcp::{GracefulClose, Peer, deadline_error};
 use super::unix::{SocketPath, bind};
-use super::with_context;
 use crate::Close;
+use crate::io_error::with_context;
 use crate::ledger::{Kind, Ticket};
 use crate::rt::{AsyncClose, AsyncGuard};
 

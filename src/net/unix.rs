@@ -12,8 +12,8 @@ use std::ptr;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use super::with_context;
 use crate::Close;
+use crate::io_error::with_context;
 use crate::ledger::events::shielded;
 use crate::ledger::{Kind, Ticket};
 

@@ -11,8 +11,8 @@ use process_wrap::std::{ChildWrapper, CommandWrap, ProcessGroup};
 
 use super::{ChildOptions, CloseError, Signal, sys};
 use crate::Close;
+use crate::io_error::with_context;
 use crate::ledger::{Kind, Ticket};
-use crate::net::with_context;
 
 static KIND: Kind = Kind::new("custodian::process::ChildGuard");
 
