@@ -116,8 +116,11 @@ impl<G> fmt::Display for IntoInnerError<G> {
 }
 
 impl<G> Error for IntoInnerError<G> {
+    // Displayed as the flush's error, so the source is that error's source (as for
+    // `CommitError` and `process::CloseError`): a report walking the chain does not
+    // print the same message twice.
     fn source(&self) -> Option<&(dyn Error + 'static)> {
-        Some(&self.error)
+        self.error.source()
     }
 }
 
