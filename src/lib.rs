@@ -67,6 +67,7 @@
 mod close;
 mod error;
 pub mod fs;
+mod io_error;
 pub mod ledger;
 #[cfg(unix)]
 pub mod net;

@@ -151,10 +151,14 @@ impl<G> HoldWatch<G> {
     /// ```
     pub fn close(watch: HoldWatch<G>) -> Duration {
         let mut watch = ManuallyDrop::new(watch);
-        let held = watch.release();
-        // SAFETY: `watch` is never used or dropped again; the guard was dropped by
-        // `release` and the other fields are `Copy`, except the ticket, moved out once.
-        drop(unsafe { std::ptr::read(&watch.ticket) });
+        let site = watch.ticket.site();
+        // SAFETY: `watch` is never dropped, and its ticket is not used again after this
+        // read, so the ticket is moved out exactly once. Moved out before the guard is
+        // released, so that a guard whose `Drop` panics still releases the ticket (as
+        // the drop glue does for `Drop`), instead of leaving a false leak in the ledger.
+        let ticket = unsafe { std::ptr::read(&watch.ticket) };
+        let held = watch.release(site);
+        drop(ticket);
         held
     }
 
@@ -178,13 +182,13 @@ impl<G> HoldWatch<G> {
 
     /// Drops the guard (releasing the lock), then reports a slow hold. Called once.
     #[inline]
-    fn release(&mut self) -> Duration {
+    fn release(&mut self, site: &'static Location<'static>) -> Duration {
         let held = self.since.elapsed();
         // SAFETY: called exactly once, from `drop` or `close`, after which the guard is
         // never touched again.
         unsafe { ManuallyDrop::drop(&mut self.guard) };
         if held > self.limit {
-            report(self.kind, self.ticket.site(), held, self.limit);
+            report(self.kind, site, held, self.limit);
         }
         held
     }
@@ -209,7 +213,7 @@ impl<G: DerefMut> DerefMut for HoldWatch<G> {
 impl<G> Drop for HoldWatch<G> {
     #[inline]
     fn drop(&mut self) {
-        self.release();
+        self.release(self.ticket.site());
     }
 }
 

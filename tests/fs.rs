@@ -65,19 +65,6 @@ fn files_starting_with(dir: &Path, prefix: &str) -> Vec<String> {
         .collect()
 }
 
-/// This test binary, re-invoked to run one `#[ignore]`d child role.
-fn child_role(role: &str) -> Command {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        role,
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
-    cmd
-}
-
 /// Reads the child's stdout until a line equal to `marker`.
 fn wait_for_line(child: &mut Child, marker: &str) {
     let out = child.stdout.as_mut().unwrap();
@@ -582,7 +569,7 @@ fn lock_try_acquire_sees_a_holder_in_the_same_process() {
 fn lock_held_by_another_process_names_its_pid() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("daemon.pid");
-    let mut holder = child_role("child_role_hold_lock")
+    let mut holder = common::child_role("child_role_hold_lock")
         .env("CUSTODIAN_FS_LOCK", &path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -628,7 +615,7 @@ fn child_role_hold_lock() {
 fn lock_left_by_a_killed_process_does_not_block() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("daemon.pid");
-    let mut holder = child_role("child_role_hold_lock")
+    let mut holder = common::child_role("child_role_hold_lock")
         .env("CUSTODIAN_FS_LOCK", &path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

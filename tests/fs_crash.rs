@@ -9,30 +9,19 @@
 //! The children are this test binary re-invoked on an `#[ignore]`d role test.
 #![cfg(unix)]
 
+mod common;
+
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use custodian::fs::{AtomicFile, LockFile};
 
 const MAGIC: &[u8; 8] = b"CUSTODN1";
 const CHUNK: usize = 64 * 1024;
-
-/// This test binary, re-invoked to run one `#[ignore]`d child role.
-fn child_role(role: &str) -> Command {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        role,
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
-    cmd
-}
 
 /// xorshift64*: deterministic, dependency-free randomness for payloads and kill times.
 struct Rng(u64);
@@ -122,7 +111,7 @@ fn atomic_file_survives_sigkill(kills: u32) {
     let (mut advanced, mut mid_write) = (0, 0);
     let start = Instant::now();
     for kill in 0..kills {
-        let mut child = child_role("child_role_atomic_writer")
+        let mut child = common::child_role("child_role_atomic_writer")
             .env("CUSTODIAN_FS_CRASH_TARGET", &target)
             .stdout(Stdio::piped())
             .spawn()
@@ -209,7 +198,7 @@ fn lock_counter(processes: u32, rounds: u32) {
     let start = Instant::now();
     let children: Vec<_> = (0..processes)
         .map(|_| {
-            child_role("child_role_counter")
+            common::child_role("child_role_counter")
                 .env("CUSTODIAN_FS_COUNTER_DIR", dir.path())
                 .env("CUSTODIAN_FS_COUNTER_ROUNDS", rounds.to_string())
                 .stdout(Stdio::null())

@@ -395,10 +395,7 @@ mod tokio_twins {
 
     #[test]
     fn async_listener_replaces_stale_refuses_live_and_unlinks_only_its_own() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = common::current_thread();
         runtime.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("async.sock");
@@ -424,23 +421,23 @@ mod tokio_twins {
         });
     }
 
+    /// A client that sends 64 KiB the server never reads, then reads to EOF: how many
+    /// bytes it got.
+    async fn unread_request_then_read_all(addr: std::net::SocketAddr) -> usize {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&[b'?'; 64 * 1024]).await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        got.len()
+    }
+
     #[test]
     fn tokio_stream_close_delivers_every_byte_with_unread_data_in_flight() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = common::multi_thread();
         runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let client = tokio::spawn(async move {
-                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream.write_all(&[b'?'; 64 * 1024]).await.unwrap();
-                let mut got = Vec::new();
-                stream.read_to_end(&mut got).await.unwrap();
-                got.len()
-            });
+            let client = tokio::spawn(unread_request_then_read_all(addr));
             let (mut server, _) = listener.accept().await.unwrap();
             tokio::time::sleep(Duration::from_millis(50)).await;
             server.write_all(&vec![b'r'; RESPONSE]).await.unwrap();
@@ -451,21 +448,11 @@ mod tokio_twins {
 
     #[test]
     fn dropped_async_guard_still_delivers_every_byte() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = common::multi_thread();
         runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let client = tokio::spawn(async move {
-                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream.write_all(&[b'?'; 64 * 1024]).await.unwrap();
-                let mut got = Vec::new();
-                stream.read_to_end(&mut got).await.unwrap();
-                got.len()
-            });
+            let client = tokio::spawn(unread_request_then_read_all(addr));
             let (server, _) = listener.accept().await.unwrap();
             let mut server = GracefulClose::new()
                 .deadline(Duration::from_secs(30))
@@ -479,10 +466,7 @@ mod tokio_twins {
 
     #[test]
     fn tokio_stream_close_times_out_naming_the_peer() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = common::current_thread();
         runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())

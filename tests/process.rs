@@ -57,6 +57,13 @@ fn stops_running(pid: u32) -> bool {
     false
 }
 
+/// A child that runs until it is stopped (30 s at most).
+fn sleep_30() -> Command {
+    let mut cmd = Command::new("sleep");
+    cmd.arg("30");
+    cmd
+}
+
 fn sh(script: &str) -> Command {
     let mut cmd = Command::new("sh");
     cmd.args(["-c", script]);
@@ -112,8 +119,7 @@ fn child_ignoring_sigterm_is_killed_after_the_grace_period() {
 #[test]
 fn child_that_stops_on_sigterm_is_not_killed() {
     let _serial = serial();
-    let mut cmd = Command::new("sleep");
-    cmd.arg("30");
+    let cmd = sleep_30();
     let child = ChildOptions::new()
         .grace(Duration::from_secs(30))
         .spawn(cmd)
@@ -159,8 +165,7 @@ fn child_that_already_exited_is_just_reaped_with_its_status() {
 #[test]
 fn wait_timeout_and_try_wait_do_not_reap() {
     let _serial = serial();
-    let mut cmd = Command::new("sleep");
-    cmd.arg("30");
+    let cmd = sleep_30();
     let mut child = ChildGuard::spawn(cmd).unwrap();
     assert_eq!(child.try_wait().unwrap(), None);
     assert_eq!(child.wait_timeout(Duration::from_millis(50)).unwrap(), None);
@@ -220,9 +225,7 @@ fn two_hundred_spawn_drop_cycles_leave_no_zombie() {
         let cmd = if i % 2 == 0 {
             Command::new("true")
         } else {
-            let mut cmd = Command::new("sleep");
-            cmd.arg("30");
-            cmd
+            sleep_30()
         };
         let options = ChildOptions::new().process_group(i % 4 == 1);
         let child = options.spawn(cmd).unwrap();
@@ -269,8 +272,7 @@ fn dropping_during_a_panic_still_reaps() {
     let _serial = serial();
     let mut pid = 0;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut cmd = Command::new("sleep");
-        cmd.arg("30");
+        let cmd = sleep_30();
         let child = ChildGuard::spawn(cmd).unwrap();
         pid = child.id();
         panic!("the request handler failed");
@@ -348,8 +350,7 @@ fn drop_is_a_debug_event_with_the_site() {
 fn thousand_spawn_drop_cycles_leave_no_zombie() {
     let _serial = serial();
     for i in 0..1000 {
-        let mut cmd = Command::new("sleep");
-        cmd.arg("30");
+        let cmd = sleep_30();
         drop(
             ChildOptions::new()
                 .process_group(i % 2 == 0)
@@ -366,14 +367,6 @@ mod tokio_guard {
     use custodian::process::AsyncChildGuard;
     use tokio::io::AsyncBufReadExt;
 
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    }
-
     fn tokio_sh(script: &str) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new("sh");
         cmd.args(["-c", script]);
@@ -383,7 +376,7 @@ mod tokio_guard {
     #[test]
     fn async_close_kills_a_child_ignoring_sigterm_and_reaps_it() {
         let _serial = serial();
-        runtime().block_on(async {
+        common::multi_thread().block_on(async {
             let grace = Duration::from_millis(300);
             let mut cmd = tokio_sh("trap '' TERM; echo ready; exec sleep 30");
             cmd.stdout(Stdio::piped());
@@ -406,7 +399,7 @@ mod tokio_guard {
     #[test]
     fn async_group_close_stops_the_grandchild_and_exited_child_is_just_reaped() {
         let _serial = serial();
-        runtime().block_on(async {
+        common::multi_thread().block_on(async {
             let mut cmd = tokio_sh("sh -c 'trap \"\" TERM; echo $$; exec sleep 30' & wait");
             cmd.stdout(Stdio::piped());
             let mut child = ChildOptions::new()
@@ -460,7 +453,7 @@ mod tokio_guard {
     #[test]
     fn dropped_guard_hands_the_graceful_stop_to_the_reaper() {
         let _serial = serial();
-        runtime().block_on(async {
+        common::multi_thread().block_on(async {
             let child = spawn_ignoring_term(Duration::from_millis(200)).await;
             let pid = child.id();
             let start = Instant::now();
@@ -479,7 +472,7 @@ mod tokio_guard {
     #[test]
     fn cancelled_close_is_finished_by_the_reaper() {
         let _serial = serial();
-        runtime().block_on(async {
+        common::multi_thread().block_on(async {
             let child = spawn_ignoring_term(Duration::from_millis(300)).await;
             let pid = child.id();
             let cancelled = tokio::time::timeout(Duration::from_millis(50), child.close()).await;
@@ -492,7 +485,7 @@ mod tokio_guard {
     #[test]
     fn dropped_outside_any_runtime_the_child_is_killed_and_the_loss_reported() {
         let _serial = serial();
-        let rt = runtime();
+        let rt = common::multi_thread();
         let child = rt.block_on(async {
             let mut cmd = tokio::process::Command::new("sleep");
             cmd.arg("30");
@@ -515,8 +508,7 @@ mod tokio_guard {
 fn guards_go_into_a_cleanup_stack_and_their_errors_come_back() {
     let _serial = serial();
     let mut stack = custodian::CleanupStack::new();
-    let mut cmd = Command::new("sleep");
-    cmd.arg("30");
+    let cmd = sleep_30();
     let child = ChildGuard::spawn(cmd).unwrap();
     let pid = child.id();
     stack.push(child);

@@ -14,24 +14,11 @@ use custodian::ledger::{self, Kind};
 use custodian::rt::{AsyncCleanupStack, AsyncGuard, Entered, Reaper, ShutdownSignals, Signal};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::runtime::{Builder, Runtime};
 
-use common::{capture, errors};
+use common::{capture, current_thread, errors, multi_thread};
 
 /// Generous: only a hang fails on it.
 const LONG: Duration = Duration::from_secs(60);
-
-fn current_thread() -> Runtime {
-    Builder::new_current_thread().enable_all().build().unwrap()
-}
-
-fn multi_thread() -> Runtime {
-    Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Runs the test body on a current-thread and then on a multi-thread runtime.
 fn on_both_runtimes<F, Fut>(body: F)

@@ -186,6 +186,28 @@ fn a_held_lock_is_a_live_resource_in_the_ledger() {
 }
 
 #[test]
+fn close_releases_the_ticket_even_when_the_guard_panics_on_release() {
+    struct PanicsOnDrop;
+    impl Drop for PanicsOnDrop {
+        fn drop(&mut self) {
+            panic!("the lock guard's own Drop panicked");
+        }
+    }
+    custodian::ledger::track_sites(true);
+    let watch = HoldWatch::new(PanicsOnDrop, Duration::from_secs(1));
+    let line = line!() - 1;
+    let mine =
+        |r: &custodian::ledger::LiveResource| r.site().line() == line && r.site().file() == file!();
+    assert!(custodian::ledger::live().iter().any(mine));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| HoldWatch::close(watch)));
+    assert!(result.is_err());
+    assert!(
+        !custodian::ledger::live().iter().any(mine),
+        "the ticket of a closed watch is still live"
+    );
+}
+
+#[test]
 fn read_guards_and_panicking_holders_are_watched_too() {
     let lock = RwLock::new(1);
     let ((), events) = common::capture(|| {

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use tempfile::NamedTempFile;
 
-use super::{imp, path_error};
+use super::imp;
 use crate::Close;
+use crate::io_error::path_error;
 use crate::ledger::{Kind, Ticket};
 
 static KIND: Kind = Kind::new("custodian::fs::AtomicFile");
@@ -187,6 +188,7 @@ impl AtomicFileBuilder {
     /// staging directory is missing (`NotFound`), not writable (`PermissionDenied`,
     /// `ReadOnlyFilesystem`), or on another file system (`CrossesDevices`).
     #[track_caller]
+    #[must_use = "dropping an AtomicFile without `commit` discards what was written"]
     pub fn create(&self, path: impl AsRef<Path>) -> io::Result<AtomicFile> {
         self.create_at(path.as_ref(), Location::caller())
     }
@@ -289,6 +291,7 @@ impl AtomicFile {
     /// As [`AtomicFileBuilder::create`]: a missing or read-only directory, a target that
     /// is a directory, ... each naming the path.
     #[track_caller]
+    #[must_use = "dropping an AtomicFile without `commit` discards what was written"]
     pub fn create(path: impl AsRef<Path>) -> io::Result<AtomicFile> {
         AtomicFileBuilder::new().create_at(path.as_ref(), Location::caller())
     }

@@ -6,8 +6,9 @@ use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::panic::Location;
 use std::path::{Path, PathBuf};
 
-use super::{IntoInnerError, imp, path_error};
+use super::{IntoInnerError, imp};
 use crate::Close;
+use crate::io_error::path_error;
 use crate::ledger::{Kind, Ticket};
 
 static KIND: Kind = Kind::new("custodian::fs::CheckedFile");
@@ -68,6 +69,7 @@ impl CheckedFile {
     /// Opening failed: missing directory, permission denied, a symbolic link, ... naming
     /// the path.
     #[track_caller]
+    #[must_use = "dropping a CheckedFile closes it at once; call `close` to see its errors"]
     pub fn create(path: impl AsRef<Path>) -> io::Result<CheckedFile> {
         let path = path.as_ref();
         let mut options = OpenOptions::new();
@@ -94,6 +96,7 @@ impl CheckedFile {
     /// # Errors
     /// Opening failed, naming the path.
     #[track_caller]
+    #[must_use = "dropping a CheckedFile closes it at once; call `close` to see its errors"]
     pub fn open_with(path: impl AsRef<Path>, options: &OpenOptions) -> io::Result<CheckedFile> {
         let path = path.as_ref();
         let file = options
@@ -112,6 +115,7 @@ impl CheckedFile {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     #[track_caller]
+    #[must_use = "dropping a CheckedFile closes it at once; call `close` to see its errors"]
     pub fn from_file(file: File, path: impl Into<PathBuf>) -> CheckedFile {
         CheckedFile::at(file, path.into(), Location::caller())
     }
@@ -134,6 +138,7 @@ impl CheckedFile {
     /// file.close()?; // flush, fsync, close
     /// # Ok::<(), std::io::Error>(())
     /// ```
+    #[must_use = "dropping a CheckedFile closes it at once; call `close` to see its errors"]
     pub fn sync_on_close(mut self, sync: bool) -> CheckedFile {
         self.sync = sync;
         self

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::imp::{self, FileId};
-use super::path_error;
 use crate::Close;
+use crate::io_error::path_error;
 use crate::ledger::{Kind, Ticket};
 
 static KIND: Kind = Kind::new("custodian::fs::LockFile");
@@ -140,6 +140,7 @@ impl LockOptions {
     /// permission (`PermissionDenied`), a symbolic link at `path` (`ELOOP`: never
     /// followed), ... each naming the path.
     #[track_caller]
+    #[must_use = "dropping a LockFile releases the lock at once"]
     pub fn acquire(&self, path: impl AsRef<Path>) -> io::Result<LockFile> {
         let lock = self.lock(path.as_ref(), Wait::Block, Location::caller())?;
         Ok(lock.expect("a blocking acquire never gives up"))
@@ -151,6 +152,7 @@ impl LockOptions {
     /// # Errors
     /// As [`acquire`](Self::acquire).
     #[track_caller]
+    #[must_use = "dropping a LockFile releases the lock at once"]
     pub fn try_acquire(&self, path: impl AsRef<Path>) -> io::Result<Option<LockFile>> {
         self.lock(path.as_ref(), Wait::Try, Location::caller())
     }
@@ -162,6 +164,7 @@ impl LockOptions {
     /// error of kind [`io::ErrorKind::WouldBlock`] whose inner error is a [`LockHeld`]
     /// naming the path and the holder's pid ("lock file /run/app.pid is held by pid 4242").
     #[track_caller]
+    #[must_use = "dropping a LockFile releases the lock at once"]
     pub fn acquire_timeout(
         &self,
         path: impl AsRef<Path>,
@@ -239,6 +242,7 @@ impl LockFile {
     /// # Errors
     /// As [`LockOptions::acquire`].
     #[track_caller]
+    #[must_use = "dropping a LockFile releases the lock at once"]
     pub fn acquire(path: impl AsRef<Path>) -> io::Result<LockFile> {
         let lock = LockOptions::new().lock(path.as_ref(), Wait::Block, Location::caller())?;
         Ok(lock.expect("a blocking acquire never gives up"))
@@ -261,6 +265,7 @@ impl LockFile {
     /// # Errors
     /// As [`LockOptions::acquire`].
     #[track_caller]
+    #[must_use = "dropping a LockFile releases the lock at once"]
     pub fn try_acquire(path: impl AsRef<Path>) -> io::Result<Option<LockFile>> {
         LockOptions::new().lock(path.as_ref(), Wait::Try, Location::caller())
     }
@@ -285,6 +290,7 @@ impl LockFile {
     /// As [`LockOptions::acquire_timeout`]: a [`LockHeld`] (kind `WouldBlock`) naming the
     /// holder's pid when the time is up.
     #[track_caller]
+    #[must_use = "dropping a LockFile releases the lock at once"]
     pub fn acquire_timeout(path: impl AsRef<Path>, timeout: Duration) -> io::Result<LockFile> {
         LockOptions::new().acquire_timeout(path, timeout)
     }

@@ -57,41 +57,6 @@ pub use temp::{TempDir, TempFile};
 use std::error::Error;
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
-
-/// An I/O error that names the path it concerns, wrapped in an `io::Error` of the same kind.
-#[derive(Debug)]
-struct PathError {
-    what: &'static str,
-    path: PathBuf,
-    source: io::Error,
-}
-
-impl fmt::Display for PathError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", self.what, self.path.display(), self.source)
-    }
-}
-
-impl Error for PathError {
-    fn source(&self) -> Option<&(dyn Error + 'static)> {
-        Some(&self.source)
-    }
-}
-
-/// `error`, saying what was done (`what`, a phrase ending before the path) to `path`,
-/// with its kind kept.
-#[cold]
-pub(crate) fn path_error(what: &'static str, path: &Path, error: io::Error) -> io::Error {
-    io::Error::new(
-        error.kind(),
-        PathError {
-            what,
-            path: path.to_path_buf(),
-            source: error,
-        },
-    )
-}
 
 /// A flush that failed on the way out of a guard: the error, and the guard with its
 /// unwritten data (like [`std::io::IntoInnerError`]).
@@ -151,8 +116,11 @@ impl<G> fmt::Display for IntoInnerError<G> {
 }
 
 impl<G> Error for IntoInnerError<G> {
+    // Displayed as the flush's error, so the source is that error's source (as for
+    // `CommitError` and `process::CloseError`): a report walking the chain does not
+    // print the same message twice.
     fn source(&self) -> Option<&(dyn Error + 'static)> {
-        Some(&self.error)
+        self.error.source()
     }
 }
 

@@ -54,6 +54,7 @@ impl TempDir {
     /// # Errors
     /// tempfile's, naming the path.
     #[track_caller]
+    #[must_use = "dropping a TempDir removes it at once"]
     pub fn new() -> io::Result<TempDir> {
         Ok(TempDir::at(tempfile::TempDir::new()?, Location::caller()))
     }
@@ -70,6 +71,7 @@ impl TempDir {
     /// # Errors
     /// tempfile's, naming the path: `dir` missing, not writable, ...
     #[track_caller]
+    #[must_use = "dropping a TempDir removes it at once"]
     pub fn new_in(dir: impl AsRef<Path>) -> io::Result<TempDir> {
         Ok(TempDir::at(
             tempfile::TempDir::new_in(dir)?,
@@ -86,6 +88,7 @@ impl TempDir {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     #[track_caller]
+    #[must_use = "dropping a TempDir removes it at once"]
     pub fn from_tempfile(dir: tempfile::TempDir) -> TempDir {
         TempDir::at(dir, Location::caller())
     }
@@ -238,6 +241,7 @@ impl TempFile {
     /// # Errors
     /// tempfile's, naming the path.
     #[track_caller]
+    #[must_use = "dropping a TempFile removes it at once"]
     pub fn new() -> io::Result<TempFile> {
         Ok(TempFile::at(NamedTempFile::new()?, Location::caller()))
     }
@@ -254,6 +258,7 @@ impl TempFile {
     /// # Errors
     /// tempfile's, naming the path.
     #[track_caller]
+    #[must_use = "dropping a TempFile removes it at once"]
     pub fn new_in(dir: impl AsRef<Path>) -> io::Result<TempFile> {
         Ok(TempFile::at(
             NamedTempFile::new_in(dir)?,
@@ -270,6 +275,7 @@ impl TempFile {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     #[track_caller]
+    #[must_use = "dropping a TempFile removes it at once"]
     pub fn from_tempfile(file: NamedTempFile) -> TempFile {
         TempFile::at(file, Location::caller())
     }

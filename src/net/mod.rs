@@ -27,10 +27,6 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
-use std::error::Error;
-use std::fmt;
-use std::io;
-
 mod tcp;
 #[cfg(feature = "tokio")]
 mod tokio;
@@ -41,35 +37,3 @@ pub use tcp::{GracefulClose, TcpStreamGuard};
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use tokio::AsyncUnixListenerGuard;
 pub use unix::{SUN_PATH_MAX, UnixListenerGuard};
-
-/// An I/O error with what it concerns (a path, an address, a pid) in front of the
-/// original message, keeping the original `ErrorKind` and the original error as its
-/// `source` (tempfile's `with_err_path`).
-#[derive(Debug)]
-struct Context {
-    context: String,
-    source: io::Error,
-}
-
-impl fmt::Display for Context {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.context, self.source)
-    }
-}
-
-impl Error for Context {
-    fn source(&self) -> Option<&(dyn Error + 'static)> {
-        Some(&self.source)
-    }
-}
-
-/// Wraps `error` with `context`, keeping its kind.
-pub(crate) fn with_context(error: io::Error, context: impl fmt::Display) -> io::Error {
-    io::Error::new(
-        error.kind(),
-        Context {
-            context: context.to_string(),
-            source: error,
-        },
-    )
-}

@@ -9,8 +9,8 @@ use std::ops::{Deref, DerefMut};
 use std::ptr;
 use std::time::{Duration, Instant};
 
-use super::with_context;
 use crate::Close;
+use crate::io_error::with_context;
 use crate::ledger::{Kind, Ticket};
 
 static KIND: Kind = Kind::new("custodian::net::TcpStreamGuard");

@@ -3,18 +3,16 @@
 
 use std::fmt;
 use std::io;
-use std::mem::ManuallyDrop;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::ptr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener};
 
 use super::tcp::{GracefulClose, Peer, deadline_error};
-use super::unix::{SocketPath, bind};
-use super::with_context;
+use super::unix::{Bound, bind};
 use crate::Close;
+use crate::io_error::with_context;
 use crate::ledger::{Kind, Ticket};
 use crate::rt::{AsyncClose, AsyncGuard};
 
@@ -48,10 +46,7 @@ static KIND: Kind = Kind::new("custodian::net::AsyncUnixListenerGuard");
 /// ```
 #[must_use = "dropping the guard closes the listener and removes its socket file at once"]
 pub struct AsyncUnixListenerGuard {
-    /// Closed before the path is released (see `Drop`).
-    listener: ManuallyDrop<UnixListener>,
-    socket: SocketPath,
-    ticket: Ticket,
+    inner: Bound<UnixListener>,
 }
 
 impl AsyncUnixListenerGuard {
@@ -82,26 +77,27 @@ impl AsyncUnixListenerGuard {
     pub fn bind(path: impl AsRef<Path>) -> io::Result<AsyncUnixListenerGuard> {
         let site = std::panic::Location::caller();
         let (listener, socket) = bind(path.as_ref())?;
-        let guard = |e| {
-            // Do not leave the file we just bound behind.
-            let _ = socket.release();
-            with_context(
-                e,
-                format_args!("cannot register {} with tokio", socket.path().display()),
-            )
-        };
-        let listener = match listener
+        let ticket = Ticket::at(&KIND, site);
+        match listener
             .set_nonblocking(true)
             .and_then(|()| UnixListener::from_std(listener))
         {
-            Ok(listener) => listener,
-            Err(e) => return Err(guard(e)),
-        };
-        Ok(AsyncUnixListenerGuard {
-            listener: ManuallyDrop::new(listener),
-            socket,
-            ticket: Ticket::at(&KIND, site),
-        })
+            Ok(listener) => Ok(AsyncUnixListenerGuard {
+                inner: Bound::new(listener, socket, ticket),
+            }),
+            Err(e) => {
+                let e = with_context(
+                    e,
+                    format_args!("cannot register {} with tokio", socket.path().display()),
+                );
+                // Do not leave the file we just bound behind; if that fails too, the
+                // caller gets the first error and the second is reported, not lost.
+                if let Err(release) = socket.release() {
+                    ticket.failure(&socket.path().display(), &release);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The path the listener is bound to.
@@ -116,7 +112,7 @@ impl AsyncUnixListenerGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn path(&self) -> &Path {
-        self.socket.path()
+        self.inner.path()
     }
 
     /// Closes the listener and removes its socket file if the path still names it.
@@ -135,9 +131,7 @@ impl AsyncUnixListenerGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn close(self) -> io::Result<()> {
-        let (listener, socket, ticket) = self.into_parts();
-        drop(listener);
-        socket.release_reported(ticket.kind())
+        self.inner.close()
     }
 
     /// Stops guarding: returns the listener and its path, which is then the caller's to
@@ -156,21 +150,7 @@ impl AsyncUnixListenerGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn into_inner(guard: AsyncUnixListenerGuard) -> (UnixListener, PathBuf) {
-        let (listener, socket, _ticket) = guard.into_parts();
-        (listener, socket.path().to_owned())
-    }
-
-    fn into_parts(self) -> (UnixListener, SocketPath, Ticket) {
-        let this = ManuallyDrop::new(self);
-        // SAFETY: `this` is never used or dropped again, so each field is moved out
-        // exactly once.
-        unsafe {
-            (
-                ManuallyDrop::into_inner(ptr::read(&this.listener)),
-                ptr::read(&this.socket),
-                ptr::read(&this.ticket),
-            )
-        }
+        guard.inner.into_inner()
     }
 }
 
@@ -178,20 +158,7 @@ impl Deref for AsyncUnixListenerGuard {
     type Target = UnixListener;
 
     fn deref(&self) -> &UnixListener {
-        &self.listener
-    }
-}
-
-impl Drop for AsyncUnixListenerGuard {
-    fn drop(&mut self) {
-        // SAFETY: the listener is dropped exactly once, here; nothing touches it after.
-        unsafe { ManuallyDrop::drop(&mut self.listener) };
-        match self.socket.release_reported(self.ticket.kind()) {
-            Ok(()) => self
-                .ticket
-                .dropped_without_close(&self.socket.path().display()),
-            Err(e) => self.ticket.failure(&self.socket.path().display(), &e),
-        }
+        &self.inner
     }
 }
 
@@ -206,8 +173,8 @@ impl Close for AsyncUnixListenerGuard {
 impl fmt::Debug for AsyncUnixListenerGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AsyncUnixListenerGuard")
-            .field("path", &self.socket.path())
-            .field("listener", &self.listener)
+            .field("path", &self.inner.path())
+            .field("listener", &*self.inner)
             .finish()
     }
 }

@@ -12,8 +12,8 @@ use std::ptr;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use super::with_context;
 use crate::Close;
+use crate::io_error::with_context;
 use crate::ledger::events::shielded;
 use crate::ledger::{Kind, Ticket};
 
@@ -268,6 +268,79 @@ impl SocketPath {
     }
 }
 
+/// A listener (std's or tokio's) with the socket path it owns and its ledger ticket:
+/// the close, the escape hatch and the `Drop` both listener guards share.
+pub(crate) struct Bound<L> {
+    /// Closed before the path is released (see `Drop`).
+    listener: ManuallyDrop<L>,
+    socket: SocketPath,
+    ticket: Ticket,
+}
+
+impl<L> Bound<L> {
+    pub(crate) fn new(listener: L, socket: SocketPath, ticket: Ticket) -> Bound<L> {
+        Bound {
+            listener: ManuallyDrop::new(listener),
+            socket,
+            ticket,
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.socket.path()
+    }
+
+    /// Closes the listener, then removes the socket file if the path still names it.
+    pub(crate) fn close(self) -> io::Result<()> {
+        let (listener, socket, ticket) = self.into_parts();
+        drop(listener);
+        socket.release_reported(ticket.kind())
+    }
+
+    /// The listener and its path, no longer removed for the caller.
+    pub(crate) fn into_inner(self) -> (L, PathBuf) {
+        let (listener, socket, _ticket) = self.into_parts();
+        (listener, socket.path)
+    }
+
+    fn into_parts(self) -> (L, SocketPath, Ticket) {
+        let this = ManuallyDrop::new(self);
+        // SAFETY: `this` is never used or dropped again, so each field is moved out
+        // exactly once.
+        unsafe {
+            (
+                ManuallyDrop::into_inner(ptr::read(&this.listener)),
+                ptr::read(&this.socket),
+                ptr::read(&this.ticket),
+            )
+        }
+    }
+}
+
+impl<L> Deref for Bound<L> {
+    type Target = L;
+
+    fn deref(&self) -> &L {
+        &self.listener
+    }
+}
+
+impl<L> Drop for Bound<L> {
+    fn drop(&mut self) {
+        // The listener first, then the path: closing a socket whose file is already
+        // unlinked is markedly slower, and the order is safe either way (a new instance
+        // that replaces the file in between keeps it: the inode check).
+        // SAFETY: the listener is dropped exactly once, here; nothing touches it after.
+        unsafe { ManuallyDrop::drop(&mut self.listener) };
+        match self.socket.release_reported(self.ticket.kind()) {
+            Ok(()) => self
+                .ticket
+                .dropped_without_close(&self.socket.path.display()),
+            Err(e) => self.ticket.failure(&self.socket.path.display(), &e),
+        }
+    }
+}
+
 /// A `std::os::unix::net::UnixListener` bound to a path it owns: a stale socket file
 /// at the path is replaced at bind, and the path is unlinked when the guard is closed
 /// or dropped — only if it still names the socket this guard bound.
@@ -306,10 +379,7 @@ impl SocketPath {
 /// nobody listening on it and replaces it.
 #[must_use = "dropping the guard closes the listener and removes its socket file at once"]
 pub struct UnixListenerGuard {
-    /// Closed before the path is released (see `Drop`).
-    listener: ManuallyDrop<UnixListener>,
-    socket: SocketPath,
-    ticket: Ticket,
+    inner: Bound<UnixListener>,
 }
 
 impl UnixListenerGuard {
@@ -345,9 +415,7 @@ impl UnixListenerGuard {
         let site = std::panic::Location::caller();
         let (listener, socket) = bind(path.as_ref())?;
         Ok(UnixListenerGuard {
-            listener: ManuallyDrop::new(listener),
-            socket,
-            ticket: Ticket::at(&KIND, site),
+            inner: Bound::new(listener, socket, Ticket::at(&KIND, site)),
         })
     }
 
@@ -360,7 +428,7 @@ impl UnixListenerGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn path(&self) -> &Path {
-        self.socket.path()
+        self.inner.path()
     }
 
     /// Closes the listener and removes its socket file if the path still names it.
@@ -380,9 +448,7 @@ impl UnixListenerGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn close(self) -> io::Result<()> {
-        let (listener, socket, ticket) = self.into_parts();
-        drop(listener);
-        socket.release_reported(ticket.kind())
+        self.inner.close()
     }
 
     /// Stops guarding: returns the listener and its path, which is then the caller's to
@@ -400,21 +466,7 @@ impl UnixListenerGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn into_inner(guard: UnixListenerGuard) -> (UnixListener, PathBuf) {
-        let (listener, socket, _ticket) = guard.into_parts();
-        (listener, socket.path)
-    }
-
-    fn into_parts(self) -> (UnixListener, SocketPath, Ticket) {
-        let this = ManuallyDrop::new(self);
-        // SAFETY: `this` is never used or dropped again, so each field is moved out
-        // exactly once.
-        unsafe {
-            (
-                ManuallyDrop::into_inner(ptr::read(&this.listener)),
-                ptr::read(&this.socket),
-                ptr::read(&this.ticket),
-            )
-        }
+        guard.inner.into_inner()
     }
 }
 
@@ -422,23 +474,7 @@ impl Deref for UnixListenerGuard {
     type Target = UnixListener;
 
     fn deref(&self) -> &UnixListener {
-        &self.listener
-    }
-}
-
-impl Drop for UnixListenerGuard {
-    fn drop(&mut self) {
-        // The listener first, then the path: closing a socket whose file is already
-        // unlinked is markedly slower, and the order is safe either way (a new instance
-        // that replaces the file in between keeps it: the inode check).
-        // SAFETY: the listener is dropped exactly once, here; nothing touches it after.
-        unsafe { ManuallyDrop::drop(&mut self.listener) };
-        match self.socket.release_reported(self.ticket.kind()) {
-            Ok(()) => self
-                .ticket
-                .dropped_without_close(&self.socket.path.display()),
-            Err(e) => self.ticket.failure(&self.socket.path.display(), &e),
-        }
+        &self.inner
     }
 }
 
@@ -453,8 +489,8 @@ impl Close for UnixListenerGuard {
 impl fmt::Debug for UnixListenerGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UnixListenerGuard")
-            .field("path", &self.socket.path)
-            .field("listener", &self.listener)
+            .field("path", &self.inner.path())
+            .field("listener", &*self.inner)
             .finish()
     }
 }

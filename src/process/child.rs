@@ -11,8 +11,8 @@ use process_wrap::std::{ChildWrapper, CommandWrap, ProcessGroup};
 
 use super::{ChildOptions, CloseError, Signal, sys};
 use crate::Close;
+use crate::io_error::with_context;
 use crate::ledger::{Kind, Ticket};
-use crate::net::with_context;
 
 static KIND: Kind = Kind::new("custodian::process::ChildGuard");
 
@@ -360,11 +360,12 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        // Named as AsyncChildGuard names its resource, in both events.
+        let pid = self.pid;
+        let resource = format_args!("child process {pid}");
         match self.stop() {
-            Ok(_) => self.ticket.dropped_without_close(&self.pid),
-            Err(e) => self
-                .ticket
-                .failure(&format_args!("child process {}", self.pid), &e),
+            Ok(_) => self.ticket.dropped_without_close(&resource),
+            Err(e) => self.ticket.failure(&resource, &e),
         }
     }
 }

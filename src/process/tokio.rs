@@ -9,8 +9,8 @@ use process_wrap::tokio::{ChildWrapper, CommandWrap, ProcessGroup};
 use tokio::process::{ChildStderr, ChildStdin, ChildStdout, Command};
 
 use super::{ChildOptions, CloseError, Signal, sys};
+use crate::io_error::with_context;
 use crate::ledger::Kind;
-use crate::net::with_context;
 use crate::rt::{AsyncClose, AsyncGuard};
 
 static KIND: Kind = Kind::new("custodian::process::AsyncChildGuard");

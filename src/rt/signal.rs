@@ -30,6 +30,8 @@ impl fmt::Display for Signal {
 /// after that is seen by [`recv`](ShutdownSignals::recv), and no longer kills the
 /// process. Create it early in `main`.
 ///
+/// (Compiled, not run: it waits for a real SIGINT or SIGTERM.)
+///
 /// ```no_run
 /// use custodian::rt::{Reaper, ShutdownSignals};
 /// use std::time::Duration;
@@ -88,6 +90,8 @@ impl ShutdownSignals {
     /// # Cancel safety
     /// Cancel-safe: a signal that arrives while nobody waits is kept for the next call.
     ///
+    /// (Compiled, not run: it waits for a real SIGINT or SIGTERM.)
+    ///
     /// ```no_run
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// let mut signals = custodian::rt::ShutdownSignals::new()?;
@@ -122,6 +126,8 @@ impl ShutdownSignals {
     /// # Cancel safety
     /// Cancel-safe while waiting for the signal; see [`Reaper::shutdown`] after it.
     ///
+    /// (Compiled, not run: it waits for a real SIGINT or SIGTERM.)
+    ///
     /// ```no_run
     /// use custodian::rt::{Reaper, ShutdownSignals};
     ///
@@ -153,6 +159,8 @@ impl ShutdownSignals {
 ///
 /// # Cancel safety
 /// Cancel-safe while waiting for the signal; see [`Reaper::shutdown`] after it.
+///
+/// (Compiled, not run: it waits for a real SIGINT or SIGTERM.)
 ///
 /// ```no_run
 /// use custodian::rt::{Reaper, shutdown_on_signal};

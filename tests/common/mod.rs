@@ -111,3 +111,36 @@ pub fn capture<R>(f: impl FnOnce() -> R) -> (R, Vec<Captured>) {
 pub fn errors(events: &[Captured]) -> Vec<&Captured> {
     events.iter().filter(|e| e.level == Level::ERROR).collect()
 }
+
+/// This test binary, re-invoked to run one `#[ignore]`d child role (a real second
+/// process for crash, kill and lock-holder tests).
+pub fn child_role(role: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        role,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    cmd
+}
+
+/// A runtime with one thread and every driver on.
+#[cfg(feature = "tokio")]
+pub fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A runtime with two workers (the machine's cores) and every driver on.
+#[cfg(feature = "tokio")]
+pub fn multi_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
