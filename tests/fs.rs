@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{capture, errors};
+use common::{assert_failure_counted, assert_one_failure, capture, errors};
 use custodian::Close;
 use custodian::fs::{AtomicFile, CheckedFile, LockFile, LockHeld, TempDir, TempFile};
 use custodian::ledger;
@@ -407,24 +407,14 @@ fn atomic_drop_reports_a_failed_rollback() {
     chmod(&sub, 0o555);
     let ((), events) = unprivileged(|| capture(|| drop(file)));
     chmod(&sub, 0o755);
-    let errs = errors(&events);
-    assert_eq!(errs.len(), 1, "{events:?}");
-    assert_eq!(errs[0].field("kind"), Some("custodian::fs::AtomicFile"));
-    assert_eq!(
-        errs[0].field("resource"),
-        Some(&*path.display().to_string())
-    );
-    assert!(
-        errs[0]
-            .field("error")
-            .unwrap()
-            .contains("Permission denied")
+    assert_one_failure(
+        &events,
+        "custodian::fs::AtomicFile",
+        &path.display().to_string(),
+        Some("Permission denied"),
     );
     assert!(temp.exists(), "the removal really failed");
-    let counts = ledger::snapshot()
-        .since(&before)
-        .get("custodian::fs::AtomicFile");
-    assert!(counts.failed >= 1, "{counts:?}");
+    assert_failure_counted(&before, "custodian::fs::AtomicFile");
 }
 
 /// A full disk: a 256 KiB tmpfs mounted in a private mount namespace (needs root or
@@ -775,12 +765,11 @@ fn lock_drop_reports_a_failed_removal() {
     let lock = LockFile::acquire(&path).unwrap();
     chmod(&sub, 0o555);
     let ((), events) = unprivileged(|| capture(|| drop(lock)));
-    let errs = errors(&events);
-    assert_eq!(errs.len(), 1, "{events:?}");
-    assert_eq!(errs[0].field("kind"), Some("custodian::fs::LockFile"));
-    assert_eq!(
-        errs[0].field("resource"),
-        Some(&*path.display().to_string())
+    assert_one_failure(
+        &events,
+        "custodian::fs::LockFile",
+        &path.display().to_string(),
+        None,
     );
     // The lock itself was released.
     assert!(
@@ -827,18 +816,13 @@ fn checked_drop_on_a_full_disk_reports_the_error() {
     let mut file = CheckedFile::create("/dev/full").unwrap();
     file.write_all(b"lost by std's Drop").unwrap();
     let ((), events) = capture(|| drop(file));
-    let errs = errors(&events);
-    assert_eq!(errs.len(), 1, "{events:?}");
-    assert_eq!(errs[0].field("kind"), Some("custodian::fs::CheckedFile"));
-    assert_eq!(errs[0].field("resource"), Some("/dev/full"));
-    assert!(
-        errs[0].field("error").unwrap().contains("No space left"),
-        "{errs:?}"
+    assert_one_failure(
+        &events,
+        "custodian::fs::CheckedFile",
+        "/dev/full",
+        Some("No space left"),
     );
-    let counts = ledger::snapshot()
-        .since(&before)
-        .get("custodian::fs::CheckedFile");
-    assert!(counts.failed >= 1, "{counts:?}");
+    assert_failure_counted(&before, "custodian::fs::CheckedFile");
 }
 
 #[test]
@@ -940,17 +924,13 @@ fn tempdir_failed_removal_is_returned_and_reported() {
     chmod(&sub, 0o555);
     let path2 = dir.path().to_path_buf();
     let ((), events) = unprivileged(|| capture(|| drop(dir)));
-    let errs = errors(&events);
-    assert_eq!(errs.len(), 1, "{events:?}");
-    assert_eq!(errs[0].field("kind"), Some("custodian::fs::TempDir"));
-    assert_eq!(
-        errs[0].field("resource"),
-        Some(&*path2.display().to_string())
+    assert_one_failure(
+        &events,
+        "custodian::fs::TempDir",
+        &path2.display().to_string(),
+        None,
     );
-    let counts = ledger::snapshot()
-        .since(&before)
-        .get("custodian::fs::TempDir");
-    assert!(counts.failed >= 1, "{counts:?}");
+    assert_failure_counted(&before, "custodian::fs::TempDir");
 
     for p in [&path, &path2] {
         chmod(&p.join("read-only"), 0o755);
@@ -974,12 +954,11 @@ fn tempfile_failed_removal_is_returned_and_reported() {
     chmod(parent.path(), 0o555);
     let ((), events) = unprivileged(|| capture(|| drop(file)));
     chmod(parent.path(), 0o755);
-    let errs = errors(&events);
-    assert_eq!(errs.len(), 1, "{events:?}");
-    assert_eq!(errs[0].field("kind"), Some("custodian::fs::TempFile"));
-    assert_eq!(
-        errs[0].field("resource"),
-        Some(&*path2.display().to_string())
+    assert_one_failure(
+        &events,
+        "custodian::fs::TempFile",
+        &path2.display().to_string(),
+        None,
     );
     assert!(
         path.exists() && path2.exists(),

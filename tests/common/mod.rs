@@ -144,3 +144,30 @@ pub fn multi_thread() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Asserts that `events` hold exactly one `error` event, for a resource of `kind` named
+/// `resource`, whose error mentions `error` when given; returns that event.
+#[track_caller]
+pub fn assert_one_failure<'a>(
+    events: &'a [Captured],
+    kind: &str,
+    resource: &str,
+    error: Option<&str>,
+) -> &'a Captured {
+    let errs = errors(events);
+    assert_eq!(errs.len(), 1, "{events:?}");
+    let e = errs[0];
+    assert_eq!(e.field("kind"), Some(kind), "{e:?}");
+    assert_eq!(e.field("resource"), Some(resource), "{e:?}");
+    if let Some(error) = error {
+        assert!(e.field("error").unwrap_or("").contains(error), "{e:?}");
+    }
+    e
+}
+
+/// Asserts that the ledger counted at least one failed cleanup of `kind` since `before`.
+#[track_caller]
+pub fn assert_failure_counted(before: &custodian::ledger::Snapshot, kind: &str) {
+    let counts = custodian::ledger::snapshot().since(before).get(kind);
+    assert!(counts.failed >= 1, "{kind}: {counts:?}");
+}
