@@ -3,8 +3,8 @@
 //! This is the only synchronisation of custodian's own in `rt` (task tracking and abort
 //! are tokio-util's `TaskTracker` and `CancellationToken`): two atomic counters and a
 //! short-held lock for the rare outcomes. What it guarantees, model-checked with loom
-//! below (`RUSTFLAGS="--cfg loom" cargo test
-//! --features tokio --lib tally`):
+//! below (`RUSTFLAGS="--cfg loom" cargo test --release --lib tally`, without the `tokio`
+//! feature: see the note on `mod tally` in lib.rs):
 //! - `accept` and `seal` are totally ordered: a cleanup is either accepted before the seal
 //!   (and then counted in the sealed report, as finished or as aborted) or refused;
 //! - every outcome is counted at most once, only for an accepted cleanup, so
