@@ -113,13 +113,7 @@ fn lock(c: &mut Criterion) {
     let pid = format!("{}\n", std::process::id());
     group.bench_function("hand_written_pid_file_unlink", |b| {
         b.iter(|| {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .unwrap();
+            let file = open_rw(&path);
             file.lock().unwrap();
             file.write_all_at(pid.as_bytes(), 0).unwrap();
             fs::remove_file(&path).unwrap();
@@ -129,13 +123,7 @@ fn lock(c: &mut Criterion) {
     });
     group.bench_function("hand_written_pid_file_truncate", |b| {
         b.iter(|| {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .unwrap();
+            let file = open_rw(&path);
             file.lock().unwrap();
             file.write_all_at(pid.as_bytes(), 0).unwrap();
             file.set_len(0).unwrap();
@@ -145,25 +133,13 @@ fn lock(c: &mut Criterion) {
     });
     group.bench_function("open_lock_unlock_close", |b| {
         b.iter(|| {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .unwrap();
+            let file = open_rw(&path);
             file.lock().unwrap();
             file.unlock().unwrap();
             drop(file);
         })
     });
-    let open = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .unwrap();
+    let open = open_rw(&path);
     group.bench_function("raw_lock_unlock_open_file", |b| {
         b.iter(|| {
             open.lock().unwrap();
@@ -176,13 +152,7 @@ fn lock(c: &mut Criterion) {
     });
     group.bench_function("fd_lock_open_lock_unlock_close", |b| {
         b.iter(|| {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .unwrap();
+            let file = open_rw(&path);
             let mut lock = fd_lock::RwLock::new(file);
             drop(lock.write().unwrap());
         })
@@ -250,3 +220,14 @@ fn temp_dir(c: &mut Criterion) {
 
 criterion_group!(benches, atomic, lock, checked, temp_dir);
 criterion_main!(benches);
+
+/// Opens (creating if needed) a lock file for reading and writing, as the by-hand peers do.
+fn open_rw(path: &std::path::Path) -> std::fs::File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap()
+}

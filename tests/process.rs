@@ -76,12 +76,17 @@ fn spawn_ready(options: ChildOptions, script: &str) -> ChildGuard {
     let mut cmd = sh(script);
     cmd.stdout(Stdio::piped());
     let mut child = options.spawn(cmd).unwrap();
+    assert_eq!(first_line(&mut child), "ready");
+    child
+}
+
+/// The first line the child printed on its piped stdout, trimmed.
+fn first_line(child: &mut ChildGuard) -> String {
     let mut line = String::new();
     BufReader::new(child.stdout().take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line.trim(), "ready");
-    child
+    line.trim().to_owned()
 }
 
 /// Spawns a shell in its own group whose background grandchild ignores SIGTERM, and
@@ -91,11 +96,7 @@ fn with_grandchild(options: ChildOptions) -> (ChildGuard, u32) {
     let mut cmd = sh("sh -c 'trap \"\" TERM; echo $$; exec sleep 30' & wait");
     cmd.stdout(Stdio::piped());
     let mut child = options.spawn(cmd).unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout().take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let grandchild: u32 = line.trim().parse().unwrap();
+    let grandchild: u32 = first_line(&mut child).parse().unwrap();
     assert!(running(grandchild));
     (child, grandchild)
 }
@@ -378,16 +379,8 @@ mod tokio_guard {
         let _serial = serial();
         common::multi_thread().block_on(async {
             let grace = Duration::from_millis(300);
-            let mut cmd = tokio_sh("trap '' TERM; echo ready; exec sleep 30");
-            cmd.stdout(Stdio::piped());
-            let mut child = ChildOptions::new().grace(grace).spawn_async(cmd).unwrap();
+            let child = spawn_ignoring_term(grace).await;
             let pid = child.id();
-            let mut ready = String::new();
-            tokio::io::BufReader::new(child.stdout().take().unwrap())
-                .read_line(&mut ready)
-                .await
-                .unwrap();
-            assert_eq!(ready.trim(), "ready");
             let start = Instant::now();
             let status = child.close().await.unwrap();
             assert!(start.elapsed() >= grace);

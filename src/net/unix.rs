@@ -20,36 +20,24 @@ use crate::ledger::{Kind, Ticket};
 static KIND: Kind = Kind::new("custodian::net::UnixListenerGuard");
 
 /// The size of `sun_path` in `struct sockaddr_un` on this platform, terminating NUL
-/// included: a socket path must be shorter than this many bytes.
+/// included: a socket path must be shorter than this many bytes (104 on the BSDs and
+/// Apple systems, 108 elsewhere).
 ///
 /// ```
 /// assert!(custodian::net::SUN_PATH_MAX >= 100);
 /// ```
-#[cfg(any(
+pub const SUN_PATH_MAX: usize = if cfg!(any(
     target_os = "macos",
     target_os = "ios",
     target_os = "freebsd",
     target_os = "openbsd",
     target_os = "netbsd",
     target_os = "dragonfly"
-))]
-pub const SUN_PATH_MAX: usize = 104;
-
-/// The size of `sun_path` in `struct sockaddr_un` on this platform, terminating NUL
-/// included: a socket path must be shorter than this many bytes.
-///
-/// ```
-/// assert!(custodian::net::SUN_PATH_MAX >= 100);
-/// ```
-#[cfg(not(any(
-    target_os = "macos",
-    target_os = "ios",
-    target_os = "freebsd",
-    target_os = "openbsd",
-    target_os = "netbsd",
-    target_os = "dragonfly"
-)))]
-pub const SUN_PATH_MAX: usize = 108;
+)) {
+    104
+} else {
+    108
+};
 
 /// How many times a stale socket is replaced before giving up: another process that
 /// races us for the same path wins at most this often.

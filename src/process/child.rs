@@ -347,12 +347,8 @@ impl ChildGuard {
         }
         if self.options.group {
             // Whatever is left of the group (the leader's zombie keeps it addressable).
-            match self.child.signal(Signal::KILL.as_raw()) {
-                Err(e) if e.raw_os_error() != Some(rustix::io::Errno::SRCH.raw_os_error()) => {
-                    return Err(self.context(e));
-                }
-                _ => {}
-            }
+            sys::nothing_left_is_ok(self.child.signal(Signal::KILL.as_raw()))
+                .map_err(|e| self.context(e))?;
         }
         self.child.wait().map_err(|e| self.context(e))
     }

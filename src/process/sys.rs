@@ -148,3 +148,12 @@ pub(crate) async fn wait_exited_async(
         },
     }
 }
+
+/// The result of signalling what is left of a process group: `ESRCH` (nothing left) is
+/// success.
+pub(crate) fn nothing_left_is_ok(result: io::Result<()>) -> io::Result<()> {
+    match result {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error()) => Ok(()),
+        other => other,
+    }
+}

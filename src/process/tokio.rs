@@ -410,12 +410,8 @@ impl ChildState {
         }
         if self.options.group {
             // Whatever is left of the group; `ESRCH` (nothing left) is fine.
-            match self.child.signal(Signal::KILL.as_raw()) {
-                Err(e) if e.raw_os_error() != Some(rustix::io::Errno::SRCH.raw_os_error()) => {
-                    return Err(self.context(e));
-                }
-                _ => {}
-            }
+            sys::nothing_left_is_ok(self.child.signal(Signal::KILL.as_raw()))
+                .map_err(|e| self.context(e))?;
         }
         let status = self.child.wait().await.map_err(|e| self.context(e))?;
         self.status = Some(status);
