@@ -522,7 +522,8 @@ fn child_role_full_disk() {
 fn lock_records_the_pid_and_removes_the_file_on_close() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.pid");
-    fs::write(&path, "999999999 left by someone, longer than a pid line\n").unwrap();
+    // A stale record longer than ours: emptied before our pid is written.
+    fs::write(&path, "  4294967295  \n").unwrap();
     let lock = LockFile::acquire(&path).unwrap();
     assert_eq!(
         fs::read_to_string(&path).unwrap(),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use tempfile::NamedTempFile;
 
-use super::imp;
+use super::{Poison, imp};
 use crate::Close;
 use crate::io_error::path_error;
 use crate::ledger::{Kind, Ticket};
@@ -80,6 +80,8 @@ pub struct AtomicFile {
     temp: Option<BufWriter<NamedTempFile>>,
     target: PathBuf,
     sync: bool,
+    /// Set by a failed write: `commit` then refuses to publish a partial content.
+    poison: Poison,
     ticket: Ticket,
 }
 
@@ -239,6 +241,7 @@ impl AtomicFileBuilder {
             temp: Some(BufWriter::with_capacity(self.buffer, temp)),
             target: target.to_path_buf(),
             sync: self.sync,
+            poison: Poison::default(),
             ticket: Ticket::at(&KIND, site),
         })
     }
@@ -336,6 +339,7 @@ impl AtomicFile {
     }
 
     /// The temp file, after writing out the buffer (to seek, `set_len`, read back...).
+    /// Writes made through it bypass the poisoning of a failed write: check their results.
     ///
     /// ```
     /// use std::io::Write;
@@ -348,9 +352,10 @@ impl AtomicFile {
     /// ```
     ///
     /// # Errors
-    /// The flush's error, naming the target.
+    /// The flush's error, naming the target (the data stays buffered).
     pub fn as_file_mut(&mut self) -> io::Result<&mut File> {
-        self.flush()?;
+        self.flush()
+            .map_err(|e| path_error("cannot write the new content of", &self.target, e))?;
         Ok(self.writer_mut().get_mut().as_file_mut())
     }
 
@@ -379,12 +384,40 @@ impl AtomicFile {
     ///   removed and the target is untouched;
     /// - when the directory's `fsync` (or closing the file) failed, no file: the target
     ///   already has the new content ([`CommitError::is_replaced`]), but the rename may not
-    ///   survive a power loss.
+    ///   survive a power loss;
+    /// - when an earlier `write`, `write_all`, `write_vectored` or `seek` failed (the
+    ///   file is *poisoned*: how much of that write reached the temp file is unknown), an
+    ///   error of that failure's kind saying so, and the file back; the target keeps its
+    ///   old content. Committing it again fails the same way: start over with
+    ///   [`reset`](AtomicFile::reset) or a new `AtomicFile`, or drop it to remove the temp
+    ///   file. A failed `flush` does not poison once a later flush succeeds, since the
+    ///   buffer keeps what it could not write; so a commit whose own flush failed (a full
+    ///   disk) can be retried once space is freed.
+    ///
+    /// ```
+    /// use std::io::Write;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("a.txt");
+    /// std::fs::write(&path, "old")?;
+    /// let mut file = custodian::fs::AtomicFile::create(&path)?;
+    /// file.write_all(b"new")?;
+    /// assert!(file.seek(std::io::SeekFrom::Current(-10)).is_err()); // a failed seek
+    /// let err = file.commit().unwrap_err();
+    /// assert_eq!(err.error().kind(), std::io::ErrorKind::InvalidInput);
+    /// assert!(err.to_string().contains("an earlier write"));
+    /// assert_eq!(std::fs::read(&path)?, b"old"); // nothing half-done published
+    /// # use std::io::Seek;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn commit(mut self) -> Result<(), CommitError> {
+        if let Some(error) = self.poisoned("nothing was published") {
+            return Err(CommitError::kept(error, self));
+        }
         let Some(mut writer) = self.temp.take() else {
             unreachable!("an AtomicFile's temp file is only taken by consuming it")
         };
-        if let Err(e) = writer.flush() {
+        if let Err(e) = self.poison.check_flush(writer.flush()) {
             self.temp = Some(writer);
             let error = path_error("cannot write the new content of", &self.target, e);
             return Err(CommitError::kept(error, self));
@@ -467,17 +500,63 @@ impl AtomicFile {
     /// ```
     ///
     /// # Errors
-    /// When the flush fails: a [`CommitError`] with the `AtomicFile` back.
+    /// When the flush fails, or an earlier write failed (see [`commit`](Self::commit)): a
+    /// [`CommitError`] with the `AtomicFile` back.
     pub fn into_inner(mut this: Self) -> Result<NamedTempFile, CommitError> {
+        if let Some(error) = this.poisoned("the staged content is incomplete") {
+            return Err(CommitError::kept(error, this));
+        }
         let Some(mut writer) = this.temp.take() else {
             unreachable!("an AtomicFile's temp file is only taken by consuming it")
         };
-        if let Err(e) = writer.flush() {
+        if let Err(e) = this.poison.check_flush(writer.flush()) {
             this.temp = Some(writer);
             let error = path_error("cannot write the new content of", &this.target, e);
             return Err(CommitError::kept(error, this));
         }
         Ok(writer.into_parts().0)
+    }
+
+    /// Starts the content over: empties the temp file, drops what is buffered, and clears
+    /// the poison left by a failed write (see [`commit`](Self::commit)), e.g. to retry
+    /// after freeing disk space. The target is untouched.
+    ///
+    /// ```
+    /// use std::io::{Seek, SeekFrom, Write};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("a.txt");
+    /// let mut file = custodian::fs::AtomicFile::create(&path)?;
+    /// file.write_all(b"first try")?;
+    /// assert!(file.seek(SeekFrom::Current(-100)).is_err()); // poisoned
+    /// file.reset()?;
+    /// file.write_all(b"second try")?;
+    /// file.commit()?;
+    /// assert_eq!(std::fs::read(&path)?, b"second try");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// Emptying the temp file failed, naming the target; the file stays poisoned.
+    pub fn reset(&mut self) -> io::Result<()> {
+        let Some(writer) = self.temp.take() else {
+            unreachable!("an AtomicFile's temp file is only taken by consuming it")
+        };
+        let capacity = writer.capacity();
+        let (mut temp, _dropped) = writer.into_parts();
+        let emptied = temp
+            .as_file()
+            .set_len(0)
+            .and_then(|()| temp.seek(SeekFrom::Start(0)));
+        self.temp = Some(BufWriter::with_capacity(capacity, temp));
+        emptied.map_err(|e| path_error("cannot empty the staged copy of", &self.target, e))?;
+        self.poison.clear();
+        Ok(())
+    }
+
+    /// The error to return instead of publishing, if a write failed.
+    fn poisoned(&self, what: &str) -> Option<io::Error> {
+        self.poison.error(what, &self.target)
     }
 
     fn writer_ref(&self) -> &BufWriter<NamedTempFile> {
@@ -495,31 +574,39 @@ impl AtomicFile {
     }
 }
 
+/// A failed `write`, `write_all`, `write_vectored` (or `seek`) poisons the file: `commit`
+/// then refuses to publish (see [`AtomicFile::commit`]'s `# Errors`).
 impl Write for AtomicFile {
     #[inline]
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.writer_mut().write(buf)
+        let result = self.writer_mut().write(buf);
+        self.poison.check(result)
     }
 
     #[inline]
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.writer_mut().write_all(buf)
+        let result = self.writer_mut().write_all(buf);
+        self.poison.check(result)
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.writer_mut().write_vectored(bufs)
+        let result = self.writer_mut().write_vectored(bufs);
+        self.poison.check(result)
     }
 
     /// Writes out the buffer to the temp file (the target is only replaced by `commit`).
+    /// On error the unwritten data stays buffered, for a later flush or `commit`.
     fn flush(&mut self) -> io::Result<()> {
-        self.writer_mut().flush()
+        let result = self.writer_mut().flush();
+        self.poison.check_flush(result)
     }
 }
 
-/// Seeks within the temp file (after writing out the buffer).
+/// Seeks within the temp file (after writing out the buffer); a failure poisons the file.
 impl Seek for AtomicFile {
     fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        self.writer_mut().seek(pos)
+        let result = self.writer_mut().seek(pos);
+        self.poison.check(result)
     }
 }
 

@@ -6,7 +6,7 @@ use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::panic::Location;
 use std::path::{Path, PathBuf};
 
-use super::{IntoInnerError, imp};
+use super::{IntoInnerError, Poison, imp};
 use crate::Close;
 use crate::io_error::path_error;
 use crate::ledger::{Kind, Ticket};
@@ -44,12 +44,20 @@ static KIND: Kind = Kind::new("custodian::fs::CheckedFile");
 /// To keep the buffered data when the flush fails (and retry after freeing space), call
 /// `flush` first: it leaves the data in the buffer on error; `close` cannot, since it
 /// consumes the file.
+///
+/// A `write`, `write_all`, `write_vectored` or `seek` that failed leaves the file with an
+/// unknown part of that data: `close` (and `Drop`) then report that failure, even if the
+/// final flush and `close(2)` succeed, so a caller that ignored the first error cannot be
+/// told the file is complete. A failed `flush` is forgiven by a later one that succeeds
+/// (the buffer kept the data).
 #[must_use = "dropping a CheckedFile closes it at once; call `close` to see its errors"]
 pub struct CheckedFile {
     /// `None` once closed (or given away by `into_inner`).
     writer: Option<BufWriter<File>>,
     path: PathBuf,
     sync: bool,
+    /// Set by a failed write: `close` then reports it instead of success.
+    poison: Poison,
     ticket: Ticket,
 }
 
@@ -125,6 +133,7 @@ impl CheckedFile {
             writer: Some(BufWriter::new(file)),
             path: path.into(),
             sync: false,
+            poison: Poison::default(),
             ticket: Ticket::at(&KIND, site),
         }
     }
@@ -204,9 +213,10 @@ impl CheckedFile {
     /// ```
     ///
     /// # Errors
-    /// The flush's (the buffered data is lost: flush first to keep it), the `fsync`'s, or
-    /// `close(2)`'s, naming the path, with the original kind. The descriptor is closed in
-    /// every case.
+    /// An earlier failed write (see above; of that failure's kind, saying "an earlier
+    /// write to … failed"), the flush's (the buffered data is lost: flush first to keep
+    /// it), the `fsync`'s, or `close(2)`'s, naming the path, with the original kind. The
+    /// descriptor is closed in every case.
     pub fn close(mut self) -> io::Result<()> {
         self.finish()
     }
@@ -240,12 +250,17 @@ impl CheckedFile {
         let Some(mut writer) = self.writer.take() else {
             return Ok(());
         };
-        let mut first: Option<io::Error> = None;
+        let flushed = writer.flush();
+        if flushed.is_ok() {
+            // Everything buffered is written: a poison left by an earlier flush is repaired.
+            let _ = self.poison.check_flush(Ok(()));
+        }
+        let mut first = self.poison.error("the file is incomplete", &self.path);
         let report = |e: io::Error, first: &mut Option<io::Error>| match first {
             None => *first = Some(e),
             Some(_) => self.ticket.failure(&self.path.display(), &e),
         };
-        if let Err(e) = writer.flush() {
+        if let Err(e) = flushed {
             report(path_error("cannot write to", &self.path, e), &mut first);
         }
         let (file, _unwritten) = writer.into_parts();
@@ -276,37 +291,46 @@ impl CheckedFile {
     }
 }
 
+/// A failed `write`, `write_all`, `write_vectored` (or `seek`) is reported again by
+/// `close` (see [`CheckedFile`]).
 impl Write for CheckedFile {
     #[inline]
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.writer_mut().write(buf)
+        let result = self.writer_mut().write(buf);
+        self.poison.check(result)
     }
 
     #[inline]
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.writer_mut().write_all(buf)
+        let result = self.writer_mut().write_all(buf);
+        self.poison.check(result)
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.writer_mut().write_vectored(bufs)
+        let result = self.writer_mut().write_vectored(bufs);
+        self.poison.check(result)
     }
 
     /// Writes out the buffer; on error the data stays buffered. The error names the path.
     fn flush(&mut self) -> io::Result<()> {
         let path = &self.path;
         match &mut self.writer {
-            Some(writer) => writer
-                .flush()
-                .map_err(|e| path_error("cannot write to", path, e)),
+            Some(writer) => {
+                let result = writer.flush();
+                self.poison
+                    .check_flush(result)
+                    .map_err(|e| path_error("cannot write to", path, e))
+            }
             None => Ok(()),
         }
     }
 }
 
-/// Seeks after writing out the buffer.
+/// Seeks after writing out the buffer; a failure is reported again by `close`.
 impl Seek for CheckedFile {
     fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        self.writer_mut().seek(pos)
+        let result = self.writer_mut().seek(pos);
+        self.poison.check(result)
     }
 }
 

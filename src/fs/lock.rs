@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::imp::{self, FileId};
 use crate::Close;
-use crate::io_error::path_error;
+use crate::io_error::{path_error, with_context};
 use crate::ledger::{Kind, Ticket};
 
 static KIND: Kind = Kind::new("custodian::fs::LockFile");
@@ -43,6 +43,38 @@ const MAX_BACKOFF: Duration = Duration::from_millis(50);
 /// # Ok::<(), std::io::Error>(())
 /// ```
 ///
+/// # Existing files
+/// A lock guard must never destroy data it did not create, and a typo'd path may name a
+/// config file. A lock record is **empty, or a decimal pid with optional surrounding
+/// ASCII whitespace** (what `LockFile` writes: `<pid>\n`). Once the lock is held, the
+/// file's content is judged before anything is written:
+/// - a file this `acquire` created, an empty file (a holder that died before writing its
+///   pid) or a lock record left by a holder that is gone (nobody holds the `flock`, which
+///   the kernel drops when its holder dies; the recorded pid is only informative, since it
+///   may have been reused) is taken over: emptied, then our pid written;
+/// - anything else (a non-empty file that is not a lock record, or not a regular file:
+///   a directory, a FIFO, a device) is refused with an error of kind
+///   [`io::ErrorKind::AlreadyExists`] naming the path ("… exists and is not a lock file;
+///   it was left untouched"), and the file is left byte-for-byte unchanged.
+///
+/// Release removes (or empties) the file only if the path still names the inode we locked
+/// **and** the file still holds our record; a file someone rewrote meanwhile is left
+/// alone. If writing our pid fails (a full disk), a file this `acquire` created is
+/// removed again before the error is returned, so no empty lock file is left behind.
+///
+/// ```
+/// use custodian::fs::LockFile;
+///
+/// let dir = tempfile::tempdir()?;
+/// let config = dir.path().join("app.toml");
+/// std::fs::write(&config, "precious = true\n")?;
+/// let err = LockFile::acquire(&config).unwrap_err();
+/// assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+/// assert!(err.to_string().contains("is not a lock file"));
+/// assert_eq!(std::fs::read_to_string(&config)?, "precious = true\n");
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
 /// # The unlink race
 /// Removing a lock file on release opens a race in naive implementations: B opens the
 /// file, A unlinks it and unlocks, B locks the now nameless file, C creates a new file at
@@ -70,6 +102,9 @@ pub struct LockFile {
     file: Option<File>,
     path: PathBuf,
     id: FileId,
+    /// The pid we recorded (exclusive holders); release touches the file only while it
+    /// still holds this record.
+    pid: u32,
     shared: bool,
     remove: bool,
     ticket: Ticket,
@@ -193,7 +228,7 @@ impl LockOptions {
         site: &'static Location<'static>,
     ) -> io::Result<Option<LockFile>> {
         loop {
-            let file = open(path)?;
+            let (file, created) = open(path)?;
             if !lock(&file, self.shared, wait).map_err(|e| path_error("cannot lock", path, e))? {
                 return Ok(None);
             }
@@ -211,14 +246,33 @@ impl LockOptions {
                     Err(e) => return Err(path_error("cannot inspect", path, e)),
                 }
             }
-            if !self.shared {
-                record_pid(&file, meta.len())
-                    .map_err(|e| path_error("cannot write our pid into", path, e))?;
+            // Judged with the lock held, before anything is written (see `# Existing files`).
+            if !meta.is_file() {
+                return Err(not_a_lock_file(path, "is not a regular file"));
+            }
+            if meta.len() > 0 && read_record(&file, path)?.is_none() {
+                return Err(not_a_lock_file(path, "holds something other than a pid"));
+            }
+            let pid = std::process::id();
+            if !self.shared
+                && let Err(e) = record_pid(&file, pid, meta.len())
+            {
+                let error = path_error("cannot write our pid into", path, e);
+                // Leave nothing behind that we created: the file is ours (we created it,
+                // we hold the lock, and the path named it a moment ago).
+                if created && let Err(rm) = remove_if_ours(path, id) {
+                    return Err(with_context(
+                        error,
+                        format_args!("and the empty lock file it created was left ({rm})"),
+                    ));
+                }
+                return Err(error);
             }
             return Ok(Some(LockFile {
                 file: Some(file),
                 path: path.to_path_buf(),
                 id,
+                pid,
                 shared: self.shared,
                 remove: self.remove,
                 ticket: Ticket::at(&KIND, site),
@@ -361,7 +415,9 @@ impl LockFile {
         self.shared
     }
 
-    /// The locked file (to read it, or to store more than the pid in it).
+    /// The locked file, to read it. Writing into it makes it no longer a lock record: release
+    /// then leaves it in place, and the next `acquire` refuses it (see `# Existing files`
+    /// on [`LockFile`]).
     ///
     /// ```
     /// let dir = tempfile::tempdir()?;
@@ -422,21 +478,21 @@ impl LockFile {
         // upgrade to exclusive succeeds, and nobody else can hold the lock meanwhile.
         let sole_holder = !self.shared || (removes && file.try_lock().is_ok());
         if sole_holder {
-            if removes {
-                match fs::symlink_metadata(&self.path) {
-                    Ok(meta) if FileId::of(&meta) == self.id => {
-                        if let Err(e) = fs::remove_file(&self.path) {
-                            result = Err(path_error("cannot remove the lock file", &self.path, e));
-                        }
-                    }
-                    // Replaced or removed by someone else: not ours to remove.
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        result = Err(path_error("cannot inspect the lock file", &self.path, e))
-                    }
+            // Only a file that still holds our record (or, for a shared lock, nothing or
+            // a stale record) is ours to remove or empty: one rewritten meanwhile is not.
+            let ours = match read_record(&file, &self.path) {
+                Ok(Some(Record::Pid(pid))) => self.shared || pid == self.pid,
+                Ok(Some(Record::Empty)) => self.shared,
+                Ok(None) => false,
+                Err(e) => {
+                    result = Err(e);
+                    false
                 }
-            } else if !self.shared
+            };
+            if ours && removes {
+                result = remove_if_ours(&self.path, self.id);
+            } else if ours
+                && !self.shared
                 && let Err(e) = file.set_len(0)
             {
                 result = Err(path_error("cannot empty the lock file", &self.path, e));
@@ -565,14 +621,90 @@ impl From<LockHeld> for io::Error {
     }
 }
 
-/// Opens (creating if needed) the lock file, refusing a symbolic link.
-fn open(path: &Path) -> io::Result<File> {
+/// Opens the lock file, creating it if needed, refusing a symbolic link; `true` if this
+/// call created it. `O_EXCL` first, since a lock file is usually absent (removed on
+/// release): one `open` in the common case.
+fn open(path: &Path) -> io::Result<(File, bool)> {
     let mut options = OpenOptions::new();
-    options.read(true).write(true).create(true);
-    imp::create_mode(&mut options, 0o644);
-    imp::no_follow(&mut options)
-        .open(path)
-        .map_err(|e| path_error("cannot open the lock file", path, e))
+    options.read(true).write(true);
+    imp::no_follow(&mut options);
+    loop {
+        let mut create = options.clone();
+        imp::create_mode(create.create_new(true), 0o644);
+        match create.open(path) {
+            Ok(file) => return Ok((file, true)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(path_error("cannot open the lock file", path, e)),
+        }
+        match options.open(path) {
+            Ok(file) => return Ok((file, false)),
+            // Removed between the two opens (a holder released it): create it again.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(path_error("cannot open the lock file", path, e)),
+        }
+    }
+}
+
+/// The longest lock record: a pid (at most 10 digits) with some whitespace around it.
+const MAX_RECORD: usize = 32;
+
+/// What a lock file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Record {
+    Empty,
+    Pid(u32),
+}
+
+/// Parses a lock record: empty, or a decimal pid with optional ASCII whitespace around
+/// it; `None` for anything else.
+fn parse_record(bytes: &[u8]) -> Option<Record> {
+    if bytes.is_empty() {
+        return Some(Record::Empty);
+    }
+    let digits = bytes.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let pid: u32 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    (pid != 0).then_some(Record::Pid(pid))
+}
+
+/// Reads and parses the record in `file`; `Ok(None)` when it holds something else.
+fn read_record(file: &File, path: &Path) -> io::Result<Option<Record>> {
+    // One byte more than a record can have, to tell a long file from a record.
+    let mut buf = [0u8; MAX_RECORD + 1];
+    let n = imp::read_at_start(file, &mut buf)
+        .map_err(|e| path_error("cannot read the lock file", path, e))?;
+    Ok(if n > MAX_RECORD {
+        None
+    } else {
+        parse_record(&buf[..n])
+    })
+}
+
+/// The error for a path that exists and is not a lock file (see `# Existing files`).
+#[cold]
+fn not_a_lock_file(path: &Path, what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!(
+            "{} exists and is not a lock file (it {what}); it was left untouched",
+            path.display()
+        ),
+    )
+}
+
+/// Removes the lock file at `path` if it still names the file `id` (the caller holds the
+/// lock). Already gone or replaced: not ours, nothing to do.
+fn remove_if_ours(path: &Path, id: FileId) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if FileId::of(&meta) == id => {
+            fs::remove_file(path).map_err(|e| path_error("cannot remove the lock file", path, e))
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(path_error("cannot inspect the lock file", path, e)),
+    }
 }
 
 /// Locks `file`; `false` when the lock stayed held (never for `Wait::Block`).
@@ -616,15 +748,41 @@ fn lock(file: &File, shared: bool, wait: Wait) -> io::Result<bool> {
     }
 }
 
-/// Writes `<pid>\n` at the start of the locked file, cutting what a previous holder left.
-fn record_pid(file: &File, old_len: u64) -> io::Result<()> {
+/// Writes `<pid>\n` into the locked file, emptying it first when a previous holder left
+/// a record: a crash between the two steps leaves an empty file, which the next `acquire`
+/// takes over, never a torn record it would have to refuse.
+fn record_pid(file: &File, pid: u32, old_len: u64) -> io::Result<()> {
     let mut buf = [0u8; 16];
     let mut rest = &mut buf[..];
-    writeln!(rest, "{}", std::process::id())?;
+    writeln!(rest, "{pid}")?;
     let len = 16 - rest.len();
-    imp::write_at_start(file, &buf[..len])?;
-    if old_len > len as u64 {
-        file.set_len(len as u64)?;
+    if old_len > 0 {
+        file.set_len(0)?;
     }
-    Ok(())
+    imp::write_at_start(file, &buf[..len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_empty_or_a_pid() {
+        assert_eq!(parse_record(b""), Some(Record::Empty));
+        assert_eq!(parse_record(b"4242\n"), Some(Record::Pid(4242)));
+        assert_eq!(parse_record(b"4242"), Some(Record::Pid(4242)));
+        assert_eq!(parse_record(b" 17\r\n"), Some(Record::Pid(17)));
+        for foreign in [
+            &b"precious = true\n"[..],
+            b"\n",
+            b"0\n",
+            b"-3\n",
+            b"+3\n",
+            b"12 34\n",
+            b"99999999999\n",
+            b"4242\nmore",
+        ] {
+            assert_eq!(parse_record(foreign), None, "{foreign:?}");
+        }
+    }
 }

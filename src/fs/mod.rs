@@ -58,6 +58,89 @@ use std::error::Error;
 use std::fmt;
 use std::io;
 
+/// The first failed write of a writing guard (`AtomicFile`, `CheckedFile`): once a
+/// `write`, `write_all`, `write_vectored` or `seek` failed, how much of the data reached
+/// the file is unknown, so the guard must never report the content as complete.
+///
+/// A failed `flush` is the one recoverable case: the buffer keeps what it could not write
+/// (std's `BufWriter` drops only the written prefix), so a later `flush` that succeeds has
+/// written everything, and clears it.
+#[derive(Debug, Default)]
+pub(crate) struct Poison(Option<Failed>);
+
+#[derive(Debug)]
+struct Failed {
+    kind: io::ErrorKind,
+    message: String,
+    /// Failed in `flush`: cleared by a later successful flush.
+    in_flush: bool,
+}
+
+impl Poison {
+    /// Records `result`'s error, if any, and passes the result on. `Interrupted` is not a
+    /// failure: nothing was written, and the call may be retried.
+    #[inline]
+    pub(crate) fn check<T>(&mut self, result: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &result
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            self.record(e, false);
+        }
+        result
+    }
+
+    /// As `check`, for a flush: a success clears a poison left by an earlier flush.
+    pub(crate) fn check_flush<T>(&mut self, result: io::Result<T>) -> io::Result<T> {
+        match &result {
+            Ok(_) => {
+                if self.0.as_ref().is_some_and(|f| f.in_flush) {
+                    self.0 = None;
+                }
+            }
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => self.record(e, true),
+            Err(_) => {}
+        }
+        result
+    }
+
+    #[cold]
+    fn record(&mut self, e: &io::Error, in_flush: bool) {
+        // The first failure is the one to report, unless it was a (repairable) flush and
+        // this one is not.
+        if self
+            .0
+            .as_ref()
+            .is_none_or(|first| first.in_flush && !in_flush)
+        {
+            self.0 = Some(Failed {
+                kind: e.kind(),
+                message: e.to_string(),
+                in_flush,
+            });
+        }
+    }
+
+    /// The error to return instead of reporting the content complete, if a write failed:
+    /// of the first failure's kind, saying what failed and what `what` means. `None` for a
+    /// failed flush alone, which the caller's own flush retries.
+    #[cold]
+    pub(crate) fn error(&self, what: &str, path: &std::path::Path) -> Option<io::Error> {
+        let failed = self.0.as_ref().filter(|f| !f.in_flush)?;
+        Some(io::Error::new(
+            failed.kind,
+            format!(
+                "an earlier write to {} failed ({}); {what}",
+                path.display(),
+                failed.message
+            ),
+        ))
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// A flush that failed on the way out of a guard: the error, and the guard with its
 /// unwritten data (like [`std::io::IntoInnerError`]).
 ///
