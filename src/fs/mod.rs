@@ -64,9 +64,9 @@ use std::io;
 ///
 /// A failed `flush` is the one recoverable case: the buffer keeps what it could not write
 /// (std's `BufWriter` drops only the written prefix), so a later `flush` that succeeds has
-/// written everything, and clears it.
+/// written everything, and clears it. Boxed: one pointer in the guard on the happy path.
 #[derive(Debug, Default)]
-pub(crate) struct Poison(Option<Failed>);
+pub(crate) struct Poison(Option<Box<Failed>>);
 
 #[derive(Debug)]
 struct Failed {
@@ -112,11 +112,11 @@ impl Poison {
             .as_ref()
             .is_none_or(|first| first.in_flush && !in_flush)
         {
-            self.0 = Some(Failed {
+            self.0 = Some(Box::new(Failed {
                 kind: e.kind(),
                 message: e.to_string(),
                 in_flush,
-            });
+            }));
         }
     }
 
