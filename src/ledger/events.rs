@@ -14,14 +14,62 @@ use std::panic::{self, AssertUnwindSafe, Location};
 use tracing::Level;
 
 /// Emits with `emit`; on a panic, writes `fallback` to stderr instead.
+///
+/// Values of users' types formatted by `emit` or `fallback` must be wrapped in [`Shown`],
+/// or the fallback would format them again, unprotected.
 #[cold]
 #[inline(never)]
 pub(crate) fn shielded(emit: impl FnOnce(), fallback: fmt::Arguments<'_>) {
     if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(emit)) {
-        if let Err(again) = panic::catch_unwind(AssertUnwindSafe(|| drop(payload))) {
-            std::mem::forget(again);
-        }
+        drop_payload(payload);
+        // `write_fmt` of stderr formats into a locked, unbuffered handle; the arguments are
+        // ours or `Shown`, so formatting them does not panic.
         let _ = writeln!(std::io::stderr(), "custodian: {fallback}");
+    }
+}
+
+/// Drops a caught panic's payload, whose own `Drop` may panic too.
+fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
+    if let Err(again) = panic::catch_unwind(AssertUnwindSafe(|| drop(payload))) {
+        std::mem::forget(again);
+    }
+}
+
+/// A user's value (an error, a resource description) as events show it: its `Display`
+/// runs under `catch_unwind`, and a panic (or an `Err` from it) shows as
+/// `<Display of the {what} panicked>` instead. Reporting runs from `Drop`, often while a
+/// panic unwinds, where one more panic escaping would abort the process.
+pub(crate) struct Shown<'a> {
+    value: &'a dyn fmt::Display,
+    what: &'static str,
+}
+
+impl<'a> Shown<'a> {
+    pub(crate) fn error(value: &'a dyn fmt::Display) -> Self {
+        Shown {
+            value,
+            what: "error",
+        }
+    }
+
+    pub(crate) fn resource(value: &'a dyn fmt::Display) -> Self {
+        Shown {
+            value,
+            what: "resource",
+        }
+    }
+}
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Formatted into a string first, so that a panic half-way writes nothing partial.
+        match panic::catch_unwind(AssertUnwindSafe(|| self.value.to_string())) {
+            Ok(text) => f.write_str(&text),
+            Err(payload) => {
+                drop_payload(payload);
+                write!(f, "<Display of the {} panicked>", self.what)
+            }
+        }
     }
 }
 
@@ -52,6 +100,7 @@ pub(crate) fn dropped_without_close(
     resource: &dyn fmt::Display,
 ) {
     if tracing::level_enabled!(Level::DEBUG) {
+        let resource = Shown::resource(resource);
         shielded(
             || {
                 tracing::debug!(
@@ -78,6 +127,7 @@ pub(crate) fn failure(
     resource: &dyn fmt::Display,
     error: &dyn fmt::Display,
 ) {
+    let (resource, error) = (Shown::resource(resource), Shown::error(error));
     shielded(
         || {
             tracing::error!(

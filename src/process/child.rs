@@ -43,6 +43,9 @@ pub struct ChildGuard {
     child: Box<dyn ChildWrapper>,
     pid: u32,
     options: ChildOptions,
+    /// `close` already returned a failure to stop this child: the retry from `Drop` (a
+    /// dropped `CloseError`) reports nothing more. One failure, one report.
+    failure_returned: bool,
     ticket: Ticket,
 }
 
@@ -79,6 +82,7 @@ impl ChildOptions {
             pid: child.id(),
             child,
             options: *self,
+            failure_returned: false,
             ticket: Ticket::at(&KIND, site),
         })
     }
@@ -102,6 +106,7 @@ impl ChildOptions {
                 group: false,
                 ..*self
             },
+            failure_returned: false,
             ticket: Ticket::new(&KIND),
         }
     }
@@ -304,7 +309,10 @@ impl ChildGuard {
                 let (_child, _ticket) = self.into_parts();
                 Ok(status)
             }
-            Err(e) => Err(CloseError::new(e, self)),
+            Err(e) => {
+                self.failure_returned = true;
+                Err(CloseError::new(e, self))
+            }
         }
     }
 
@@ -361,6 +369,7 @@ impl Drop for ChildGuard {
         let resource = format_args!("child process {pid}");
         match self.stop() {
             Ok(_) => self.ticket.dropped_without_close(&resource),
+            Err(_) if self.failure_returned => {}
             Err(e) => self.ticket.failure(&resource, &e),
         }
     }

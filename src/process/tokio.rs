@@ -54,6 +54,9 @@ struct ChildState {
     pid: u32,
     options: ChildOptions,
     status: Option<ExitStatus>,
+    /// `close` already returned a failure to stop this child: the retry from `Drop` (a
+    /// dropped `CloseError`) reports nothing more. One failure, one report.
+    failure_returned: bool,
 }
 
 impl ChildOptions {
@@ -99,15 +102,19 @@ impl ChildOptions {
             pid,
             options: *self,
             status: None,
+            failure_returned: false,
         };
         let inner = AsyncGuard::builder()
             .kind(&KIND)
             .resource(format!("child process {pid}"))
             .fallback(ChildState::kill_now)
-            .build(
-                state,
-                |mut state| async move { state.stop().await.map(drop) },
-            );
+            .build(state, |mut state| async move {
+                match state.stop().await {
+                    Ok(_) => Ok(()),
+                    Err(_) if state.failure_returned => Ok(()),
+                    Err(e) => Err(e),
+                }
+            });
         Ok(AsyncChildGuard { inner })
     }
 }
@@ -339,7 +346,10 @@ impl AsyncChildGuard {
                 drop(AsyncGuard::into_inner(self.inner));
                 Ok(status)
             }
-            Err(e) => Err(CloseError::new(e, self)),
+            Err(e) => {
+                self.inner.failure_returned = true;
+                Err(CloseError::new(e, self))
+            }
         }
     }
 
