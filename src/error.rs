@@ -76,6 +76,35 @@ impl CleanupError {
         }
     }
 
+    /// What went wrong, as one text whether the cleanup returned an error or panicked: the
+    /// error's message, or `panicked: <message>`. [`Display`](fmt::Display) prints it
+    /// after the label and the site.
+    ///
+    /// ```
+    /// let mut stack = custodian::CleanupStack::new();
+    /// stack.defer(|| panic!("disk gone"));
+    /// stack.defer_fallible(|| Err::<(), _>("unlock refused"));
+    /// let causes: Vec<String> =
+    ///     stack.close().unwrap_err().iter().map(|e| e.cause().to_string()).collect();
+    /// assert_eq!(causes, ["unlock refused", "panicked: disk gone"]);
+    /// ```
+    pub fn cause(&self) -> impl fmt::Display + '_ {
+        struct Cause<'a>(&'a CleanupError);
+        impl fmt::Display for Cause<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt_cause(f)
+            }
+        }
+        Cause(self)
+    }
+
+    fn fmt_cause(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.cause {
+            Cause::Failed(e) => write!(f, "{e}"),
+            Cause::Panicked(m) => write!(f, "panicked: {m}"),
+        }
+    }
+
     /// The error the cleanup returned, or the panic message as an error.
     pub fn into_error(self) -> BoxError {
         match self.cause {
@@ -85,29 +114,22 @@ impl CleanupError {
     }
 }
 
+/// `<label> (registered at <site>) failed: <cause>`, where the cause is the error's
+/// message or `panicked: <message>` ([`CleanupError::cause`]).
 impl fmt::Display for CleanupError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.cause {
-            Cause::Failed(e) => write!(
-                f,
-                "{} (registered at {}) failed: {e}",
-                self.label, self.site
-            ),
-            Cause::Panicked(m) => {
-                write!(
-                    f,
-                    "{} (registered at {}) panicked: {m}",
-                    self.label, self.site
-                )
-            }
-        }
+        write!(f, "{} (registered at {}) failed: ", self.label, self.site)?;
+        self.fmt_cause(f)
     }
 }
 
+/// The cleanup's error is printed by `Display`, so `source` is *its* source: a report
+/// walking the chain (anyhow's `{:#}`) shows each message once. The error itself is
+/// [`CleanupError::error`].
 impl Error for CleanupError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match &self.cause {
-            Cause::Failed(e) => Some(&**e),
+            Cause::Failed(e) => e.source(),
             Cause::Panicked(_) => None,
         }
     }
@@ -188,9 +210,44 @@ impl fmt::Display for CleanupErrors {
     }
 }
 
+/// `Display` prints every failure, so `source` is the deeper cause of a single failure
+/// (what its own `source` gives), and none when several are listed: each message once.
 impl Error for CleanupErrors {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
-        self.0.first().map(|e| e as &(dyn Error + 'static))
+        match self.0.as_slice() {
+            [one] => one.source(),
+            _ => None,
+        }
+    }
+}
+
+/// An `io::Error` of the first failure's kind when it was an `io::Error` (`Other`
+/// otherwise), holding every failure, so `stack.close()?` works in a function returning
+/// `io::Result`.
+///
+/// ```
+/// fn clean_up() -> std::io::Result<()> {
+///     let mut stack = custodian::CleanupStack::new();
+///     stack.defer_fallible(|| std::fs::remove_file("/no/such/scratch"));
+///     stack.close()?;
+///     Ok(())
+/// }
+/// assert_eq!(clean_up().unwrap_err().kind(), std::io::ErrorKind::NotFound);
+/// ```
+impl From<CleanupErrors> for std::io::Error {
+    fn from(errors: CleanupErrors) -> std::io::Error {
+        std::io::Error::new(errors.io_kind(), errors)
+    }
+}
+
+impl CleanupErrors {
+    /// The kind of the first failure, if it was an `io::Error`; `Other` otherwise.
+    pub(crate) fn io_kind(&self) -> std::io::ErrorKind {
+        self.0
+            .first()
+            .and_then(CleanupError::error)
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .map_or(std::io::ErrorKind::Other, std::io::Error::kind)
     }
 }
 

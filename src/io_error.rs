@@ -7,8 +7,7 @@ use std::io;
 use std::path::Path;
 
 /// An I/O error with what it concerns in front of the original message, keeping the
-/// original `ErrorKind` and the original error as its `source` (tempfile's
-/// `with_err_path`).
+/// original `ErrorKind` (tempfile's `with_err_path`).
 #[derive(Debug)]
 struct Context {
     context: String,
@@ -21,9 +20,11 @@ impl fmt::Display for Context {
     }
 }
 
+/// `Display` prints the original error, so `source` is the original's own source: a
+/// report walking the chain shows the OS message once.
 impl Error for Context {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
-        Some(&self.source)
+        self.source.source()
     }
 }
 

@@ -421,15 +421,15 @@ impl<E: fmt::Display> fmt::Display for ScopeError<E> {
     }
 }
 
+/// `Display` prints the body's error and the cleanups' failures, so `source` is the
+/// body's error's own source (or that of the only cleanup failure): a report walking the
+/// chain shows each message once. The errors themselves are [`body`](ScopeError::body)
+/// and [`cleanup_errors`](ScopeError::cleanup_errors).
 impl<E: Error + 'static> Error for ScopeError<E> {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match &self.body {
-            Some(body) => Some(body),
-            None => self
-                .cleanup
-                .iter()
-                .next()
-                .map(|e| e as &(dyn Error + 'static)),
+            Some(body) => body.source(),
+            None => self.cleanup.source(),
         }
     }
 }
@@ -453,13 +453,9 @@ impl<E: Error + 'static> Error for ScopeError<E> {
 /// ```
 impl From<ScopeError<std::io::Error>> for std::io::Error {
     fn from(e: ScopeError<std::io::Error>) -> std::io::Error {
-        let kind = match (&e.body, e.cleanup.iter().next()) {
-            (Some(body), _) => body.kind(),
-            (None, Some(first)) => first
-                .error()
-                .and_then(|err| err.downcast_ref::<std::io::Error>())
-                .map_or(std::io::ErrorKind::Other, std::io::Error::kind),
-            (None, None) => std::io::ErrorKind::Other,
+        let kind = match &e.body {
+            Some(body) => body.kind(),
+            None => e.cleanup.io_kind(),
         };
         match e {
             ScopeError {
