@@ -36,12 +36,15 @@ pub trait Close {
     fn close(self) -> Result<(), Self::Error>;
 }
 
-/// Closing a `File` makes its data durable: `sync_all` (fsync), then the descriptor is
-/// closed.
+/// Closing a `File` makes its data durable and reports both errors std's `Drop` discards:
+/// `sync_all` (an fsync, the cost of this close: a disk round trip on most file systems),
+/// then `close(2)` itself, checked (on NFS and some FUSE file systems that is where a
+/// failed write-back shows). The descriptor is closed even when the fsync fails; the
+/// fsync's error is returned first. Off Unix, only the fsync is checked.
 ///
-/// The error of `close(2)` itself is not visible through `std::fs::File` (its `Drop`
-/// discards it); after a successful fsync it cannot report lost data on local file
-/// systems. On NFS it can: use `custodian::fs::CheckedFile` there, which checks it.
+/// To close without the fsync (a file only read, or data that need not survive a power
+/// loss), drop the file, or use [`fs::CheckedFile`](crate::fs::CheckedFile), whose
+/// fsync is optional and whose close is checked.
 ///
 /// ```
 /// use custodian::Close;
@@ -50,14 +53,16 @@ pub trait Close {
 /// let dir = tempfile::tempdir()?;
 /// let mut file = std::fs::File::create(dir.path().join("data"))?;
 /// file.write_all(b"kept")?;
-/// file.close()?; // fsync'ed
+/// file.close()?; // fsync'ed, then close(2) checked
 /// # Ok::<(), std::io::Error>(())
 /// ```
 impl Close for File {
     type Error = io::Error;
 
     fn close(self) -> io::Result<()> {
-        self.sync_all()
+        let synced = self.sync_all();
+        let closed = crate::fs::imp::close(self);
+        synced.and(closed)
     }
 }
 

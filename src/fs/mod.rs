@@ -45,7 +45,7 @@
 
 mod atomic;
 mod checked;
-mod imp;
+pub(crate) mod imp;
 mod lock;
 mod temp;
 

@@ -3,10 +3,8 @@
 
 use std::fmt;
 use std::io::{self, Read};
-use std::mem::ManuallyDrop;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::{Deref, DerefMut};
-use std::ptr;
 use std::time::{Duration, Instant};
 
 use crate::Close;
@@ -147,7 +145,7 @@ impl GracefulClose {
     pub fn guard(&self, stream: TcpStream) -> TcpStreamGuard {
         TcpStreamGuard {
             peer: stream.peer_addr().ok(),
-            stream,
+            stream: Some(stream),
             how: *self,
             ticket: Ticket::new(&KIND),
         }
@@ -258,7 +256,8 @@ impl Close for TcpStream {
 /// ```
 #[must_use = "dropping the guard closes the connection at once"]
 pub struct TcpStreamGuard {
-    stream: TcpStream,
+    /// `None` once closed or given away by `into_inner`.
+    stream: Option<TcpStream>,
     peer: Option<SocketAddr>,
     how: GracefulClose,
     ticket: Ticket,
@@ -297,9 +296,9 @@ impl TcpStreamGuard {
     /// guard.close()?;
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn close(self) -> io::Result<()> {
-        let (stream, peer, how, _ticket) = self.into_parts();
-        close_std(&stream, how.deadline, peer)
+    pub fn close(mut self) -> io::Result<()> {
+        let stream = self.take();
+        close_std(&stream, self.how.deadline, self.peer)
     }
 
     /// Stops guarding: returns the stream, which then closes as std closes it.
@@ -313,21 +312,21 @@ impl TcpStreamGuard {
     /// # drop(stream);
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn into_inner(guard: TcpStreamGuard) -> TcpStream {
-        guard.into_parts().0
+    pub fn into_inner(mut guard: TcpStreamGuard) -> TcpStream {
+        guard.take()
     }
 
-    fn into_parts(self) -> (TcpStream, Option<SocketAddr>, GracefulClose, Ticket) {
-        let this = ManuallyDrop::new(self);
-        // SAFETY: `this` is never used or dropped again, so each field is moved out
-        // exactly once.
-        unsafe {
-            (
-                ptr::read(&this.stream),
-                ptr::read(&this.peer),
-                ptr::read(&this.how),
-                ptr::read(&this.ticket),
-            )
+    fn take(&mut self) -> TcpStream {
+        match self.stream.take() {
+            Some(stream) => stream,
+            None => unreachable!("a TcpStreamGuard's stream is only taken by consuming it"),
+        }
+    }
+
+    fn stream(&self) -> &TcpStream {
+        match &self.stream {
+            Some(stream) => stream,
+            None => unreachable!("a TcpStreamGuard's stream is only taken by consuming it"),
         }
     }
 }
@@ -336,19 +335,25 @@ impl Deref for TcpStreamGuard {
     type Target = TcpStream;
 
     fn deref(&self) -> &TcpStream {
-        &self.stream
+        self.stream()
     }
 }
 
 impl DerefMut for TcpStreamGuard {
     fn deref_mut(&mut self) -> &mut TcpStream {
-        &mut self.stream
+        match &mut self.stream {
+            Some(stream) => stream,
+            None => unreachable!("a TcpStreamGuard's stream is only taken by consuming it"),
+        }
     }
 }
 
 impl Drop for TcpStreamGuard {
     fn drop(&mut self) {
-        match close_std(&self.stream, self.how.deadline, self.peer) {
+        let Some(stream) = &self.stream else {
+            return;
+        };
+        match close_std(stream, self.how.deadline, self.peer) {
             Ok(()) => self.ticket.dropped_without_close(&Peer(self.peer)),
             Err(e) => self.ticket.failure(&Peer(self.peer), &e),
         }
@@ -366,7 +371,7 @@ impl Close for TcpStreamGuard {
 impl fmt::Debug for TcpStreamGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TcpStreamGuard")
-            .field("stream", &self.stream)
+            .field("stream", self.stream())
             .field("deadline", &self.how.deadline)
             .finish()
     }

@@ -2,9 +2,7 @@
 
 use std::fmt;
 use std::io;
-use std::mem::ManuallyDrop;
 use std::process::{ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus};
-use std::ptr;
 use std::time::Duration;
 
 use process_wrap::std::{ChildWrapper, CommandWrap, ProcessGroup};
@@ -40,7 +38,8 @@ static KIND: Kind = Kind::new("custodian::process::ChildGuard");
 /// ```
 #[must_use = "dropping the guard stops the child at once"]
 pub struct ChildGuard {
-    child: Box<dyn ChildWrapper>,
+    /// `None` once closed or given away by `into_inner`.
+    child: Option<Box<dyn ChildWrapper>>,
     pid: u32,
     options: ChildOptions,
     /// `close` already returned a failure to stop this child: the retry from `Drop` (a
@@ -80,7 +79,7 @@ impl ChildOptions {
         })?;
         Ok(ChildGuard {
             pid: child.id(),
-            child,
+            child: Some(child),
             options: *self,
             failure_returned: false,
             ticket: Ticket::at(&KIND, site),
@@ -101,7 +100,7 @@ impl ChildOptions {
     pub fn guard(&self, child: std::process::Child) -> ChildGuard {
         ChildGuard {
             pid: child.id(),
-            child: Box::new(child),
+            child: Some(Box::new(child)),
             options: ChildOptions {
                 group: false,
                 ..*self
@@ -168,7 +167,7 @@ impl ChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn stdin(&mut self) -> &mut Option<ChildStdin> {
-        self.child.stdin()
+        self.child_mut().stdin()
     }
 
     /// The child's stdout, if it was piped.
@@ -186,7 +185,7 @@ impl ChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn stdout(&mut self) -> &mut Option<ChildStdout> {
-        self.child.stdout()
+        self.child_mut().stdout()
     }
 
     /// The child's stderr, if it was piped.
@@ -201,7 +200,7 @@ impl ChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn stderr(&mut self) -> &mut Option<ChildStderr> {
-        self.child.stderr()
+        self.child_mut().stderr()
     }
 
     /// The exit status if the child has exited, without waiting and without reaping
@@ -274,7 +273,7 @@ impl ChildGuard {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn signal(&self, signal: Signal) -> io::Result<()> {
-        self.child
+        self.child()
             .signal(signal.as_raw())
             .map_err(|e| self.context(e))
     }
@@ -306,7 +305,7 @@ impl ChildGuard {
     pub fn close(mut self) -> Result<ExitStatus, CloseError<ChildGuard>> {
         match self.stop() {
             Ok(status) => {
-                let (_child, _ticket) = self.into_parts();
+                drop(self.take());
                 Ok(status)
             }
             Err(e) => {
@@ -316,24 +315,47 @@ impl ChildGuard {
         }
     }
 
-    /// Stops guarding: returns process-wrap's child, which is then neither stopped nor
-    /// reaped for you.
+    /// Stops guarding: returns the std child, which is then neither stopped nor reaped
+    /// for you. A child spawned with [`process_group`](ChildOptions::process_group) stays
+    /// its group's leader; signalling the group is then up to you (`kill(-pid, sig)`).
     ///
     /// ```
     /// let guard = custodian::process::ChildGuard::spawn(std::process::Command::new("true"))?;
-    /// let mut child = custodian::process::ChildGuard::into_inner(guard);
+    /// let mut child: std::process::Child = custodian::process::ChildGuard::into_inner(guard);
     /// child.wait()?;
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn into_inner(guard: ChildGuard) -> Box<dyn ChildWrapper> {
-        guard.into_parts().0
+    pub fn into_inner(mut guard: ChildGuard) -> std::process::Child {
+        // SAFETY: the only wrapper custodian puts around a std child is process-wrap's
+        // `ProcessGroup`, whose one invariant is that kills go to the whole group; the
+        // caller gives that up by taking the child out (documented above). The std
+        // `Child` stays a valid handle on the leader, which is not reaped yet.
+        match unsafe { guard.take().try_into_inner_child() } {
+            Ok(child) => child,
+            Err(_) => unreachable!("custodian wraps only std children"),
+        }
     }
 
-    fn into_parts(self) -> (Box<dyn ChildWrapper>, Ticket) {
-        let this = ManuallyDrop::new(self);
-        // SAFETY: `this` is never used or dropped again, so each field with a destructor
-        // is moved out exactly once (`pid` and `options` are `Copy`).
-        unsafe { (ptr::read(&this.child), ptr::read(&this.ticket)) }
+    /// Takes the child out; `Drop` then has nothing left to do.
+    fn take(&mut self) -> Box<dyn ChildWrapper> {
+        match self.child.take() {
+            Some(child) => child,
+            None => unreachable!("a ChildGuard's child is only taken by consuming it"),
+        }
+    }
+
+    fn child(&self) -> &dyn ChildWrapper {
+        match &self.child {
+            Some(child) => child.as_ref(),
+            None => unreachable!("a ChildGuard's child is only taken by consuming it"),
+        }
+    }
+
+    fn child_mut(&mut self) -> &mut dyn ChildWrapper {
+        match &mut self.child {
+            Some(child) => child.as_mut(),
+            None => unreachable!("a ChildGuard's child is only taken by consuming it"),
+        }
     }
 
     fn context(&self, e: io::Error) -> io::Error {
@@ -355,15 +377,18 @@ impl ChildGuard {
         }
         if self.options.group {
             // Whatever is left of the group (the leader's zombie keeps it addressable).
-            sys::nothing_left_is_ok(self.child.signal(Signal::KILL.as_raw()))
+            sys::nothing_left_is_ok(self.child().signal(Signal::KILL.as_raw()))
                 .map_err(|e| self.context(e))?;
         }
-        self.child.wait().map_err(|e| self.context(e))
+        self.child_mut().wait().map_err(|e| self.context(e))
     }
 }
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
         // Named as AsyncChildGuard names its resource, in both events.
         let pid = self.pid;
         let resource = format_args!("child process {pid}");

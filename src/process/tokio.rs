@@ -353,8 +353,9 @@ impl AsyncChildGuard {
         }
     }
 
-    /// Stops guarding: returns process-wrap's child, which is then neither stopped nor
-    /// reaped for you.
+    /// Stops guarding: returns tokio's child, which is then neither stopped nor reaped for
+    /// you. A child spawned in its own process group stays its group's leader; signalling
+    /// the group is then up to you.
     ///
     /// ```
     /// # tokio::runtime::Runtime::new()?.block_on(async {
@@ -365,8 +366,16 @@ impl AsyncChildGuard {
     /// # })?;
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn into_inner(guard: AsyncChildGuard) -> Box<dyn ChildWrapper> {
-        AsyncGuard::into_inner(guard.inner).child
+    pub fn into_inner(guard: AsyncChildGuard) -> tokio::process::Child {
+        let child = AsyncGuard::into_inner(guard.inner).child;
+        // SAFETY: the only wrapper custodian puts around a tokio child is process-wrap's
+        // `ProcessGroup`, whose one invariant is that kills go to the whole group; the
+        // caller gives that up by taking the child out (documented above). The tokio
+        // `Child` stays a valid handle on the leader, which is not reaped yet.
+        match unsafe { child.try_into_inner_child() } {
+            Ok(child) => child,
+            Err(_) => unreachable!("custodian wraps only tokio children"),
+        }
     }
 }
 
