@@ -44,7 +44,18 @@
 //! explicit `close` is a `debug` event.
 //!
 //! # Crate features
-//! - `tokio` — async guards and the reaper that runs async cleanup of dropped guards.
+//! - `net` (default) — [`net`]: Unix listener and graceful TCP guards (socket2).
+//! - `process` (default) — [`process`]: child process guards (process-wrap).
+//! - `tokio` — [`rt`]: async guards and the reaper that runs async cleanup of dropped
+//!   guards; with `net` or `process`, their async guards.
+//!
+//! `default-features = false` leaves `scope`, `CleanupStack`, `Rollback`, [`fs`],
+//! [`sync`] and the [`ledger`], on scopeguard, tempfile, smallvec, tracing and rustix.
+//!
+//! Public dependencies (their types appear in custodian's API): `tempfile` (whose
+//! `TempDir` and `Builder` [`fs::TempDir`] wraps and accepts), `tracing` (the events),
+//! `scopeguard` (re-exported guards), and with `tokio`, tokio's runtime `Handle` and
+//! `process::Command`/`Child`.
 //!
 //! # Rust version
 //! 1.89 or newer (std's `File::lock`).
@@ -69,9 +80,11 @@ mod error;
 pub mod fs;
 mod io_error;
 pub mod ledger;
-#[cfg(unix)]
+#[cfg(all(unix, feature = "net"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "net")))]
 pub mod net;
-#[cfg(unix)]
+#[cfg(all(unix, feature = "process"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "process")))]
 pub mod process;
 mod rollback;
 #[cfg(feature = "tokio")]
@@ -99,5 +112,5 @@ pub use stack::CleanupStack;
 pub use scopeguard::{ScopeGuard, defer, guard, guard_on_success, guard_on_unwind};
 
 #[doc = include_str!("../README.md")]
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "net", feature = "process"))]
 pub struct ReadmeDoctests;

@@ -136,6 +136,7 @@ fn fs_errors_print_each_message_once() {
     assert_no_repeats("CheckedFile::close", &err);
 }
 
+#[cfg(feature = "process")]
 #[test]
 fn process_close_error_prints_each_message_once() {
     use rustix::process::{Pid, WaitOptions, waitpid};
