@@ -318,6 +318,7 @@ pub fn coarse_limit() -> Duration {
 
 /// The slow holds recorded at one site.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SlowHold {
     /// Where the lock was taken.
     pub site: &'static Location<'static>,

@@ -3,8 +3,9 @@ use std::fmt;
 
 use super::{LiveResource, counters, live};
 
-/// One kind's counters.
+/// One kind's counters. `#[non_exhaustive]`: more counters may come.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Counts {
     /// Resources acquired (tickets created).
     pub acquired: u64,
@@ -123,6 +124,7 @@ impl fmt::Display for Snapshot {
 
 /// The full ledger report: counters per kind and every tracked live resource.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Report {
     /// Counters per kind.
     pub snapshot: Snapshot,

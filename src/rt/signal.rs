@@ -8,6 +8,7 @@ use super::{DrainReport, Reaper};
 
 /// The signal that asked the process to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Signal {
     /// SIGINT (Ctrl-C).
     Interrupt,
