@@ -146,7 +146,7 @@ fn lock_file_leaves_a_foreign_file_byte_for_byte_untouched() {
 /// lock we just dropped can look held for that long.
 fn try_acquire(path: &Path) -> io::Result<LockFile> {
     for _ in 0..1000 {
-        if let Some(lock) = LockFile::try_acquire(path)? {
+        if let Ok(lock) = LockFile::try_acquire(path)? {
             return Ok(lock);
         }
         std::thread::sleep(std::time::Duration::from_millis(1));

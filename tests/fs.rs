@@ -552,7 +552,7 @@ fn lock_try_acquire_sees_a_holder_in_the_same_process() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lock");
     let held = LockFile::try_acquire(&path).unwrap().expect("free");
-    assert!(LockFile::try_acquire(&path).unwrap().is_none());
+    assert!(LockFile::try_acquire(&path).unwrap().is_err());
     let err = LockFile::acquire_timeout(&path, Duration::from_millis(30)).unwrap_err();
     assert_error(&err, io::ErrorKind::WouldBlock, &path);
     assert!(
@@ -562,7 +562,7 @@ fn lock_try_acquire_sees_a_holder_in_the_same_process() {
     );
     assert!(LockHeld::of(&err).unwrap().waited() >= Duration::from_millis(30));
     drop(held);
-    assert!(LockFile::try_acquire(&path).unwrap().is_some());
+    assert!(LockFile::try_acquire(&path).unwrap().is_ok());
 }
 
 #[test]
@@ -577,7 +577,43 @@ fn lock_held_by_another_process_names_its_pid() {
         .unwrap();
     wait_for_line(&mut holder, "LOCKED");
 
-    assert!(LockFile::try_acquire(&path).unwrap().is_none());
+    let held = LockFile::try_acquire(&path).unwrap().unwrap_err();
+    assert_eq!(
+        held.pid(),
+        Some(holder.id()),
+        "try_acquire names the holder"
+    );
+    assert_eq!(held.path(), path);
+    assert!(
+        held.to_string()
+            .contains(&format!("held by pid {}", holder.id()))
+    );
+
+    // Waiting without blocking a runtime thread: the runtime's one thread keeps running
+    // other tasks, and a wait cut short by a timeout holds nothing.
+    #[cfg(feature = "tokio")]
+    common::current_thread().block_on(async {
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let ticker = tokio::spawn({
+            let ticks = ticks.clone();
+            async move {
+                loop {
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        let waited =
+            tokio::time::timeout(Duration::from_millis(200), LockFile::acquire_async(&path)).await;
+        assert!(waited.is_err(), "still held by the child");
+        assert!(
+            ticks.load(std::sync::atomic::Ordering::Relaxed) >= 5,
+            "runtime blocked"
+        );
+        ticker.abort();
+    });
+    assert_eq!(LockFile::owner_pid(&path).unwrap(), Some(holder.id()));
+
     let err = LockFile::acquire_timeout(&path, Duration::from_millis(100)).unwrap_err();
     assert_error(&err, io::ErrorKind::WouldBlock, &path);
     let held = LockHeld::of(&err).expect("a LockHeld inside");
@@ -589,6 +625,14 @@ fn lock_held_by_another_process_names_its_pid() {
     );
 
     drop(holder.stdin.take()); // the holder releases and exits
+    #[cfg(feature = "tokio")]
+    let lock = common::current_thread()
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(60), LockFile::acquire_async(&path)).await
+        })
+        .expect("released by the child")
+        .unwrap();
+    #[cfg(not(feature = "tokio"))]
     let lock = LockFile::acquire_timeout(&path, Duration::from_secs(60)).unwrap();
     assert!(holder.wait().unwrap().success());
     assert_eq!(
@@ -653,17 +697,17 @@ fn lock_shared_holders_coexist_and_the_last_one_removes_the_file() {
         .unwrap()
         .expect("shared locks coexist");
     assert!(a.is_shared());
-    assert!(LockFile::try_acquire(&path).unwrap().is_none());
+    assert!(LockFile::try_acquire(&path).unwrap().is_err());
     let err = LockFile::acquire_timeout(&path, Duration::ZERO).unwrap_err();
     assert!(err.to_string().contains("no pid recorded"), "{err}");
     a.close().unwrap();
     assert!(path.exists(), "b still holds it");
-    assert!(LockFile::try_acquire(&path).unwrap().is_none());
+    assert!(LockFile::try_acquire(&path).unwrap().is_err());
     b.close().unwrap();
     assert!(!path.exists(), "the last shared holder removes it");
 
     let writer = LockFile::acquire(&path).unwrap();
-    assert!(opts.try_acquire(&path).unwrap().is_none());
+    assert!(opts.try_acquire(&path).unwrap().is_err());
     drop(writer);
 }
 
@@ -787,7 +831,7 @@ fn lock_drop_reports_a_failed_removal() {
             .remove_on_release(false)
             .try_acquire(&path)
             .unwrap()
-            .is_some()
+            .is_ok()
     );
 
     let lock = LockFile::acquire(&path).unwrap();

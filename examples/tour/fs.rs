@@ -88,8 +88,8 @@ fn pid_lock_held_by_another_process(dir: &Path) -> Result<(), Box<dyn std::error
     println!(
         "try_acquire while it holds the lock: {}",
         match LockFile::try_acquire(&pid_file)? {
-            None => "None (held)",
-            Some(_) => "unexpected: got it",
+            Err(held) => held.to_string(),
+            Ok(_) => "unexpected: got it".to_owned(),
         }
     );
     match LockFile::acquire_timeout(&pid_file, Duration::from_millis(300)) {

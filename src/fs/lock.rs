@@ -37,7 +37,7 @@ const MAX_BACKOFF: Duration = Duration::from_millis(50);
 ///
 /// let lock = LockFile::acquire(&path)?;
 /// assert_eq!(std::fs::read_to_string(&path)?, format!("{}\n", std::process::id()));
-/// assert!(LockFile::try_acquire(&path)?.is_none()); // taken (even within a process)
+/// assert!(LockFile::try_acquire(&path)?.is_err()); // taken (even within a process)
 /// lock.close()?;
 /// assert!(!path.exists());
 /// # Ok::<(), std::io::Error>(())
@@ -120,9 +120,9 @@ pub struct LockFile {
 /// let readers = LockFile::options().shared(true).clone();
 /// let a = readers.acquire(&path)?;
 /// let b = readers.acquire(&path)?; // shared locks coexist
-/// assert!(LockFile::try_acquire(&path)?.is_none()); // but exclude a writer
+/// assert!(LockFile::try_acquire(&path)?.is_err()); // but exclude a writer
 /// drop((a, b));
-/// assert!(LockFile::try_acquire(&path)?.is_some());
+/// assert!(LockFile::try_acquire(&path)?.is_ok());
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Clone, Debug)]
@@ -181,15 +181,67 @@ impl LockOptions {
         Ok(lock.expect("a blocking acquire never gives up"))
     }
 
-    /// Takes the lock if it is free now; `Ok(None)` if someone holds it (see
-    /// [`LockFile::owner_pid`] for who).
+    /// Takes the lock if it is free now; `Ok(Err(held))` if someone holds it, saying who
+    /// ([`LockHeld::pid`]: the pid an exclusive holder recorded).
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire); a lock held by someone else is not an error of the
+    /// outer `Result`.
+    #[track_caller]
+    #[must_use = "dropping a LockFile releases the lock at once"]
+    pub fn try_acquire(&self, path: impl AsRef<Path>) -> io::Result<Result<LockFile, LockHeld>> {
+        let path = path.as_ref();
+        match self.lock(path, Wait::Try, Location::caller())? {
+            Some(lock) => Ok(Ok(lock)),
+            None => Ok(Err(LockHeld::now(path, Duration::ZERO))),
+        }
+    }
+
+    /// Takes the lock without blocking a runtime thread: tries, then sleeps on tokio's
+    /// timer (backoff from 1 ms up to 50 ms) until it is free. Wrap it in
+    /// `tokio::time::timeout` for a deadline.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// use custodian::fs::LockFile;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("job.lock");
+    /// let first = LockFile::options().acquire_async(&path).await?;
+    /// let second = tokio::spawn(LockFile::options().acquire_async(path.clone()));
+    /// first.close()?; // the waiter gets it within its backoff
+    /// second.await.unwrap()?.close()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// # })?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     ///
     /// # Errors
     /// As [`acquire`](Self::acquire).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: each attempt takes the lock or leaves it in one non-blocking step, and
+    /// a lock taken is returned without another `.await`; a cancelled wait holds nothing.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     #[track_caller]
-    #[must_use = "dropping a LockFile releases the lock at once"]
-    pub fn try_acquire(&self, path: impl AsRef<Path>) -> io::Result<Option<LockFile>> {
-        self.lock(path.as_ref(), Wait::Try, Location::caller())
+    pub fn acquire_async<P: AsRef<Path>>(
+        &self,
+        path: P,
+    ) -> impl Future<Output = io::Result<LockFile>> + Send + use<P> {
+        let site = Location::caller();
+        let options = self.clone();
+        let path = path.as_ref().to_path_buf();
+        async move {
+            let mut backoff = Duration::from_millis(1);
+            loop {
+                if let Some(lock) = options.lock(&path, Wait::Try, site)? {
+                    return Ok(lock);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
     }
 
     /// Takes the lock, waiting at most `timeout` (polling, with a backoff up to 50 ms).
@@ -211,12 +263,7 @@ impl LockOptions {
         let wait = deadline.map_or(Wait::Block, Wait::Until);
         match self.lock(path, wait, Location::caller()) {
             Ok(Some(lock)) => Ok(lock),
-            Ok(None) => Err(LockHeld::new(
-                path,
-                LockFile::owner_pid(path).ok().flatten(),
-                start.elapsed(),
-            )
-            .into()),
+            Ok(None) => Err(LockHeld::now(path, start.elapsed()).into()),
             Err(e) => Err(e),
         }
     }
@@ -302,7 +349,8 @@ impl LockFile {
         Ok(lock.expect("a blocking acquire never gives up"))
     }
 
-    /// Takes the exclusive lock if it is free now; `Ok(None)` if it is held.
+    /// Takes the exclusive lock if it is free now; `Ok(Err(held))` naming the holder if
+    /// it is held.
     ///
     /// ```
     /// use custodian::fs::LockFile;
@@ -310,18 +358,47 @@ impl LockFile {
     /// let dir = tempfile::tempdir()?;
     /// let path = dir.path().join("job.lock");
     /// let first = LockFile::try_acquire(&path)?.expect("free");
-    /// assert!(LockFile::try_acquire(&path)?.is_none());
-    /// assert_eq!(LockFile::owner_pid(&path)?, Some(std::process::id()));
+    /// let held = LockFile::try_acquire(&path)?.unwrap_err();
+    /// assert_eq!(held.pid(), Some(std::process::id()));
+    /// assert!(held.to_string().contains("is held by pid"));
     /// # drop(first);
     /// # Ok::<(), std::io::Error>(())
     /// ```
     ///
     /// # Errors
-    /// As [`LockOptions::acquire`].
+    /// As [`LockOptions::acquire`]; a lock held by someone else is not an error of the
+    /// outer `Result`.
     #[track_caller]
     #[must_use = "dropping a LockFile releases the lock at once"]
-    pub fn try_acquire(path: impl AsRef<Path>) -> io::Result<Option<LockFile>> {
-        LockOptions::new().lock(path.as_ref(), Wait::Try, Location::caller())
+    pub fn try_acquire(path: impl AsRef<Path>) -> io::Result<Result<LockFile, LockHeld>> {
+        LockOptions::new().try_acquire(path)
+    }
+
+    /// Takes the exclusive lock without blocking a runtime thread; see
+    /// [`LockOptions::acquire_async`].
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// let dir = tempfile::tempdir()?;
+    /// let lock = custodian::fs::LockFile::acquire_async(dir.path().join("job.lock")).await?;
+    /// lock.close()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// # })?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`LockOptions::acquire`].
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a cancelled wait holds nothing.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    #[track_caller]
+    pub fn acquire_async<P: AsRef<Path>>(
+        path: P,
+    ) -> impl Future<Output = io::Result<LockFile>> + Send + use<P> {
+        LockOptions::new().acquire_async(path)
     }
 
     /// Takes the exclusive lock, waiting at most `timeout`.
@@ -548,7 +625,8 @@ impl fmt::Debug for LockFile {
 /// The lock is held by another process (or another `LockFile` in this one): the path,
 /// and the holder's pid when it recorded one.
 ///
-/// The inner error of the `io::Error` (kind [`io::ErrorKind::WouldBlock`]) returned by
+/// What [`LockFile::try_acquire`] gives when the lock is held, and the inner error of the
+/// `io::Error` (kind [`io::ErrorKind::WouldBlock`]) returned by
 /// [`LockFile::acquire_timeout`] when the time is up; get it with [`LockHeld::of`].
 ///
 /// ```
@@ -571,10 +649,11 @@ pub struct LockHeld {
 }
 
 impl LockHeld {
-    fn new(path: &Path, pid: Option<u32>, waited: Duration) -> Self {
+    /// The lock at `path` found held after waiting `waited`: the holder's pid is read now.
+    fn now(path: &Path, waited: Duration) -> Self {
         LockHeld {
             path: path.to_path_buf(),
-            pid,
+            pid: LockFile::owner_pid(path).ok().flatten(),
             waited,
         }
     }
