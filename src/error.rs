@@ -1,6 +1,7 @@
 //! Errors shared by every cleanup container: one failed cleanup, and all of them.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::error::Error;
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe, Location};
@@ -10,11 +11,11 @@ pub type BoxError = Box<dyn Error + Send + Sync + 'static>;
 
 /// One cleanup that failed: returned an error or panicked.
 ///
-/// It says which cleanup (its label: the guard's type or `defer`) and where it was
-/// registered.
+/// It says which cleanup (its label: the guard's type, `defer`, or the name given with
+/// `defer_named`) and where it was registered.
 #[derive(Debug)]
 pub struct CleanupError {
-    label: &'static str,
+    label: Cow<'static, str>,
     site: &'static Location<'static>,
     cause: Cause,
 }
@@ -27,32 +28,33 @@ enum Cause {
 
 impl CleanupError {
     pub(crate) fn failed(
-        label: &'static str,
+        label: impl Into<Cow<'static, str>>,
         site: &'static Location<'static>,
         error: BoxError,
     ) -> Self {
         CleanupError {
-            label,
+            label: label.into(),
             site,
             cause: Cause::Failed(error),
         }
     }
 
     pub(crate) fn panicked(
-        label: &'static str,
+        label: impl Into<Cow<'static, str>>,
         site: &'static Location<'static>,
         payload: Box<dyn Any + Send>,
     ) -> Self {
         CleanupError {
-            label,
+            label: label.into(),
             site,
             cause: Cause::Panicked(panic_message(payload)),
         }
     }
 
-    /// What the cleanup was: the guard's type name, or `defer` for a closure.
-    pub fn label(&self) -> &'static str {
-        self.label
+    /// What the cleanup was: the guard's type name, `defer` for a closure, or the name
+    /// given with `defer_named`.
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     /// Where the cleanup was registered.
@@ -270,7 +272,7 @@ impl<'a> IntoIterator for &'a CleanupErrors {
 /// Runs one cleanup, turning a panic into an error so that the next cleanup still runs
 /// and a panic during unwinding never aborts the process.
 pub(crate) fn run_caught(
-    label: &'static str,
+    label: impl Into<Cow<'static, str>>,
     site: &'static Location<'static>,
     cleanup: impl FnOnce() -> Result<(), BoxError>,
 ) -> Result<(), CleanupError> {

@@ -107,7 +107,7 @@ pub use close::Close;
 pub use error::{BoxError, CleanupError, CleanupErrors};
 pub use rollback::Rollback;
 pub use scope::{Scope, ScopeError, scope};
-pub use stack::CleanupStack;
+pub use stack::{CleanupStack, Outcome};
 
 pub use scopeguard::{ScopeGuard, defer, guard, guard_on_success, guard_on_unwind};
 

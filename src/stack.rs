@@ -1,5 +1,6 @@
 //! `CleanupStack`: Python's `contextlib.ExitStack`, for resources known at run time.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 use std::mem;
@@ -19,10 +20,11 @@ const INLINE: usize = 4;
 
 struct Entry {
     /// The cleanup closure, stored inline when it captures up to three words (no
-    /// allocation), of the type `run` was made for.
+    /// allocation), of the type `run` was made for. It gets the outcome the stack was
+    /// closed with, and decides whether to act on it.
     cleanup: Slot,
-    run: unsafe fn(Slot) -> Result<(), BoxError>,
-    label: &'static str,
+    run: unsafe fn(Slot, Outcome) -> Result<(), BoxError>,
+    label: Cow<'static, str>,
     site: &'static Location<'static>,
 }
 
@@ -30,10 +32,29 @@ struct Entry {
 ///
 /// # Safety
 /// `slot` must hold an `F` (made by `Slot::new::<F>`): `push_entry` pairs them.
-unsafe fn run_slot<F: FnOnce() -> Result<(), BoxError>>(slot: Slot) -> Result<(), BoxError> {
+unsafe fn run_slot<F: FnOnce(Outcome) -> Result<(), BoxError>>(
+    slot: Slot,
+    outcome: Outcome,
+) -> Result<(), BoxError> {
     // SAFETY: the caller's promise.
     let cleanup = unsafe { slot.take::<F>() };
-    cleanup()
+    cleanup(outcome)
+}
+
+/// How the work a [`CleanupStack`] guarded ended, which decides whether its
+/// [`on_success`](CleanupStack::on_success) and [`on_failure`](CleanupStack::on_failure)
+/// entries run (Python's `ExitStack.__exit__` gets the exception the same way).
+///
+/// `close` is [`Success`](Outcome::Success); a stack dropped without being closed (an
+/// early return, `?`, a panic) ends in [`Failure`](Outcome::Failure); and
+/// [`close_with`](CleanupStack::close_with) says which.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The work succeeded: commit.
+    Success,
+    /// The work failed (an error, an early return, a panic): roll back.
+    Failure,
 }
 
 /// A stack of cleanups run in reverse order (LIFO) when it is closed or dropped:
@@ -97,7 +118,7 @@ impl CleanupStack {
     /// ```
     #[track_caller]
     pub fn defer(&mut self, f: impl FnOnce() + Send + 'static) {
-        self.push_entry("defer", move || {
+        self.push_entry("defer", move |_| {
             f();
             Ok(())
         });
@@ -115,7 +136,87 @@ impl CleanupStack {
     where
         E: Into<BoxError>,
     {
-        self.push_entry("defer", move || f().map_err(Into::into));
+        self.push_entry("defer", move |_| f().map_err(Into::into));
+    }
+
+    /// Pushes a cleanup that can fail, with a label of your choosing, shown in its
+    /// [`CleanupError`] and events instead of `defer`: cleanups registered in a loop are
+    /// told apart.
+    ///
+    /// ```
+    /// let mut stack = custodian::CleanupStack::new();
+    /// for path in ["/no/such/a", "/no/such/b"] {
+    ///     stack.defer_named(format!("remove {path}"), move || std::fs::remove_file(path));
+    /// }
+    /// let errors = stack.close().unwrap_err();
+    /// let labels: Vec<&str> = errors.iter().map(|e| e.label()).collect();
+    /// assert_eq!(labels, ["remove /no/such/b", "remove /no/such/a"]);
+    /// assert!(errors.to_string().contains("remove /no/such/b (registered at"));
+    /// ```
+    #[track_caller]
+    pub fn defer_named<E>(
+        &mut self,
+        label: impl Into<Cow<'static, str>>,
+        f: impl FnOnce() -> Result<(), E> + Send + 'static,
+    ) where
+        E: Into<BoxError>,
+    {
+        self.push_entry(label, move |_| f().map_err(Into::into));
+    }
+
+    /// Pushes a cleanup that runs only if the stack ends in [`Outcome::Success`]: closed
+    /// with [`close`](Self::close) (a commit). Python's `ExitStack` callbacks that look at
+    /// the exception do the same.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::sync::Arc;
+    ///
+    /// let committed = Arc::new(AtomicBool::new(false));
+    /// let mut stack = custodian::CleanupStack::new();
+    /// let flag = committed.clone();
+    /// stack.on_success(move || flag.store(true, Ordering::Relaxed));
+    /// drop(stack); // dropped without close: a failure, so no commit
+    /// assert!(!committed.load(Ordering::Relaxed));
+    /// ```
+    #[track_caller]
+    pub fn on_success(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.push_entry("on_success", move |outcome| {
+            if outcome == Outcome::Success {
+                f();
+            }
+            Ok(())
+        });
+    }
+
+    /// Pushes a cleanup that runs only if the stack ends in [`Outcome::Failure`]: dropped
+    /// without being closed (an early return, `?`, a panic), or closed with
+    /// [`close_with`](Self::close_with)`(Outcome::Failure)`. A rollback.
+    ///
+    /// ```
+    /// use custodian::{CleanupStack, Outcome};
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::sync::Arc;
+    ///
+    /// fn transfer(rolled_back: Arc<AtomicBool>) -> std::io::Result<()> {
+    ///     let mut stack = CleanupStack::new();
+    ///     stack.on_failure(move || rolled_back.store(true, Ordering::Relaxed));
+    ///     std::fs::metadata("/no/such/account")?; // `?` drops the stack: rolled back
+    ///     stack.close()?;
+    ///     Ok(())
+    /// }
+    /// let rolled_back = Arc::new(AtomicBool::new(false));
+    /// assert!(transfer(rolled_back.clone()).is_err());
+    /// assert!(rolled_back.load(Ordering::Relaxed));
+    /// ```
+    #[track_caller]
+    pub fn on_failure(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.push_entry("on_failure", move |outcome| {
+            if outcome == Outcome::Failure {
+                f();
+            }
+            Ok(())
+        });
     }
 
     /// Pushes a guard, closed (with [`Close::close`]) when the stack is.
@@ -137,7 +238,7 @@ impl CleanupStack {
         G: Close + Send + 'static,
         G::Error: Into<BoxError>,
     {
-        self.push_entry(std::any::type_name::<G>(), move || {
+        self.push_entry(std::any::type_name::<G>(), move |_| {
             guard.close().map_err(Into::into)
         });
     }
@@ -145,14 +246,14 @@ impl CleanupStack {
     /// `F: Send` is what makes the stack `Send`: every entry is checked here.
     #[track_caller]
     #[inline]
-    fn push_entry<F>(&mut self, label: &'static str, cleanup: F)
+    fn push_entry<F>(&mut self, label: impl Into<Cow<'static, str>>, cleanup: F)
     where
-        F: FnOnce() -> Result<(), BoxError> + Send + 'static,
+        F: FnOnce(Outcome) -> Result<(), BoxError> + Send + 'static,
     {
         self.entries.push(Entry {
             cleanup: Slot::new(cleanup),
             run: run_slot::<F>,
-            label,
+            label: label.into(),
             site: Location::caller(),
         });
     }
@@ -196,16 +297,51 @@ impl CleanupStack {
         self.entries.is_empty()
     }
 
-    /// Runs every cleanup now, last pushed first.
+    /// Runs every cleanup now, last pushed first, as a success: `on_success` entries run,
+    /// `on_failure` ones do not.
+    ///
+    /// ```
+    /// let mut stack = custodian::CleanupStack::new();
+    /// stack.defer_fallible(|| std::fs::remove_file("/no/such/a"));
+    /// stack.defer_fallible(|| std::fs::remove_file("/no/such/b"));
+    /// let errors = stack.close().unwrap_err();
+    /// assert_eq!(errors.len(), 2); // b, then a: none lost
+    /// ```
     ///
     /// # Errors
     /// [`CleanupErrors`] with every failure (error or panic), in the order they ran.
     #[inline]
-    pub fn close(mut self) -> Result<(), CleanupErrors> {
-        self.run_all().into_result()
+    pub fn close(self) -> Result<(), CleanupErrors> {
+        self.close_with(Outcome::Success)
     }
 
-    fn run_all(&mut self) -> CleanupErrors {
+    /// Runs every cleanup now, last pushed first, telling them how the work ended: with
+    /// [`Outcome::Failure`], `on_failure` entries run and `on_success` ones do not
+    /// (closing an `ExitStack` "as failed").
+    ///
+    /// ```
+    /// use custodian::{CleanupStack, Outcome};
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// let log = Arc::new(Mutex::new(Vec::new()));
+    /// let mut stack = CleanupStack::new();
+    /// let (a, b, c) = (log.clone(), log.clone(), log.clone());
+    /// stack.defer(move || a.lock().unwrap().push("release"));
+    /// stack.on_success(move || b.lock().unwrap().push("commit"));
+    /// stack.on_failure(move || c.lock().unwrap().push("roll back"));
+    /// stack.close_with(Outcome::Failure)?;
+    /// assert_eq!(*log.lock().unwrap(), ["roll back", "release"]);
+    /// # Ok::<(), custodian::CleanupErrors>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`CleanupErrors`] with every failure (error or panic), in the order they ran.
+    #[inline]
+    pub fn close_with(mut self, outcome: Outcome) -> Result<(), CleanupErrors> {
+        self.run_all(outcome).into_result()
+    }
+
+    fn run_all(&mut self, outcome: Outcome) -> CleanupErrors {
         let mut errors = CleanupErrors::default();
         // One `catch_unwind` around the whole loop rather than one per entry: after a
         // panic, the loop starts again with the entries that are left.
@@ -219,11 +355,12 @@ impl CleanupStack {
                     site,
                 }) = self.entries.pop()
                 {
-                    running = Some((label, site));
+                    // Known before it runs, for the panic report below.
+                    let (label, site) = running.insert((label, site));
                     // SAFETY: `push_entry` made `run` for the type stored in `cleanup`,
                     // and the entry has just left the list: its slot is consumed once.
-                    if let Err(e) = unsafe { run(cleanup) } {
-                        errors.push(CleanupError::failed(label, site, e));
+                    if let Err(e) = unsafe { run(cleanup, outcome) } {
+                        errors.push(CleanupError::failed(label.clone(), site, e));
                     }
                 }
             }));
@@ -261,7 +398,8 @@ impl Drop for CleanupStack {
             return;
         }
         self.ticket.dropped_without_close(&"");
-        for e in self.run_all() {
+        // Dropped without `close`: an early return, a `?` or a panic.
+        for e in self.run_all(Outcome::Failure) {
             self.ticket
                 .failure(&format_args!("{} at {}", e.label(), e.site()), &e);
         }

@@ -175,3 +175,93 @@ fn a_stack_is_send_and_runs_on_another_thread() {
         .unwrap();
     assert_eq!(*log.lock().unwrap(), [9]);
 }
+
+#[test]
+fn outcome_entries_run_only_for_their_outcome() {
+    use custodian::Outcome;
+    use std::sync::{Arc, Mutex};
+
+    let run = |how: &str| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut stack = CleanupStack::new();
+        let (a, b, c) = (log.clone(), log.clone(), log.clone());
+        stack.defer(move || a.lock().unwrap().push("always"));
+        stack.on_success(move || b.lock().unwrap().push("success"));
+        stack.on_failure(move || c.lock().unwrap().push("failure"));
+        match how {
+            "close" => stack.close().unwrap(),
+            "close_with(Success)" => stack.close_with(Outcome::Success).unwrap(),
+            "close_with(Failure)" => stack.close_with(Outcome::Failure).unwrap(),
+            "drop" => drop(stack),
+            "panic" => {
+                let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    let _stack = stack;
+                    panic!("the work panicked");
+                }));
+                assert!(caught.is_err());
+            }
+            _ => unreachable!(),
+        }
+        let log = log.lock().unwrap().clone();
+        log
+    };
+    assert_eq!(run("close"), ["success", "always"]);
+    assert_eq!(run("close_with(Success)"), ["success", "always"]);
+    assert_eq!(run("close_with(Failure)"), ["failure", "always"]);
+    assert_eq!(run("drop"), ["failure", "always"]);
+    assert_eq!(run("panic"), ["failure", "always"]);
+}
+
+#[test]
+fn named_cleanups_are_told_apart_in_errors_and_events() {
+    let mut stack = CleanupStack::new();
+    for name in ["a", "b", "c"] {
+        stack.defer_named(format!("remove /no/such/{name}"), move || {
+            std::fs::remove_file(format!("/no/such/{name}"))
+        });
+    }
+    let errors = stack.close().unwrap_err();
+    let labels: Vec<&str> = errors.iter().map(|e| e.label()).collect();
+    assert_eq!(
+        labels,
+        [
+            "remove /no/such/c",
+            "remove /no/such/b",
+            "remove /no/such/a"
+        ]
+    );
+
+    // Dropped: each failure event names its cleanup.
+    let ((), events) = common::capture(|| {
+        let mut stack = CleanupStack::new();
+        for name in ["x", "y"] {
+            stack.defer_named(format!("remove {name}"), move || {
+                std::fs::remove_file(format!("/no/such/{name}"))
+            });
+        }
+        drop(stack);
+    });
+    let resources: Vec<&str> = common::errors(&events)
+        .iter()
+        .map(|e| e.field("resource").unwrap())
+        .collect();
+    assert_eq!(resources.len(), 2, "{events:?}");
+    assert!(resources[0].starts_with("remove y at "), "{resources:?}");
+    assert!(resources[1].starts_with("remove x at "), "{resources:?}");
+}
+
+#[test]
+fn cleanup_error_cause_reads_the_same_for_errors_and_panics() {
+    let mut stack = CleanupStack::new();
+    stack.defer(|| panic!("disk gone"));
+    stack.defer_fallible(|| Err::<(), _>("unlock refused"));
+    let errors = stack.close().unwrap_err();
+    let causes: Vec<String> = errors.iter().map(|e| e.cause().to_string()).collect();
+    assert_eq!(causes, ["unlock refused", "panicked: disk gone"]);
+    for e in &errors {
+        assert!(
+            e.to_string().ends_with(&format!("failed: {}", e.cause())),
+            "{e}"
+        );
+    }
+}
