@@ -202,8 +202,7 @@ fn outcome_entries_run_only_for_their_outcome() {
             }
             _ => unreachable!(),
         }
-        let log = log.lock().unwrap().clone();
-        log
+        log.lock().unwrap().clone()
     };
     assert_eq!(run("close"), ["success", "always"]);
     assert_eq!(run("close_with(Success)"), ["success", "always"]);
