@@ -45,6 +45,7 @@
 //!
 //! # Crate features
 //! - `tokio` — async guards and the reaper that runs async cleanup of dropped guards.
+//! - `postgres` — PostgreSQL advisory locks that notice when they were lost (`custodian::pg`).
 //!
 //! # Rust version
 //! 1.89 or newer (std's `File::lock`).
@@ -71,6 +72,9 @@ mod io_error;
 pub mod ledger;
 #[cfg(unix)]
 pub mod net;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod pg;
 #[cfg(unix)]
 pub mod process;
 mod rollback;
