@@ -271,6 +271,13 @@ impl PgLock {
         &self.key
     }
 
+    /// The lock's own session, to run the protected work in the same session (so that
+    /// it cannot outlive the lock) or to inspect it. Do not unlock through it: `close`
+    /// would then report the lock as not held, and the liveness check fires `lost()`.
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self.guard.session.client
+    }
+
     /// The server's pid for the session holding the lock.
     pub fn backend_pid(&self) -> i32 {
         self.guard.session.backend_pid
