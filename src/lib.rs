@@ -48,6 +48,8 @@
 //! - `process` (default) — [`process`]: child process guards (process-wrap).
 //! - `tokio` — [`rt`]: async guards and the reaper that runs async cleanup of dropped
 //!   guards; with `net` or `process`, their async guards.
+//! - `postgres` — [`pg`]: PostgreSQL advisory locks that notice when they were lost
+//!   (implies `tokio`).
 //!
 //! `default-features = false` leaves `scope`, `CleanupStack`, `Rollback`, [`fs`],
 //! [`sync`] and the [`ledger`], on scopeguard, tempfile, smallvec, tracing and rustix.
@@ -55,7 +57,7 @@
 //! Public dependencies (their types appear in custodian's API): `tempfile` (whose
 //! `TempDir` and `Builder` [`fs::TempDir`] wraps and accepts), `tracing` (the events),
 //! `scopeguard` (re-exported guards), and with `tokio`, tokio's runtime `Handle` and
-//! `process::Command`/`Child`.
+//! `process::Command`/`Child`; with `postgres`, tokio-postgres' `Config` and `Client`.
 //!
 //! # Rust version
 //! 1.89 or newer (std's `File::lock`).
@@ -83,6 +85,9 @@ pub mod ledger;
 #[cfg(all(unix, feature = "net"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "net")))]
 pub mod net;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod pg;
 #[cfg(all(unix, feature = "process"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "process")))]
 pub mod process;

@@ -6,6 +6,8 @@
 mod foundation;
 mod fs;
 mod net_process;
+#[cfg(feature = "postgres")]
+mod pg;
 #[cfg(feature = "tokio")]
 mod rt;
 
@@ -37,6 +39,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     {
         chapter("Async cleanup that survives cancellation (custodian::rt)");
         rt::run(dir.path())?;
+    }
+
+    #[cfg(feature = "postgres")]
+    {
+        chapter("Locks across machines (custodian::pg)");
+        pg::run()?;
     }
 
     chapter("The ledger");

@@ -238,6 +238,7 @@ impl<T: Send + 'static> AsyncGuard<T> {
     pub fn builder() -> AsyncGuardBuilder<T> {
         AsyncGuardBuilder {
             kind: &KIND,
+            site: None,
             resource: None,
             reaper: ReaperRef::Global,
             handle: None,
@@ -418,6 +419,7 @@ impl<T: Send + 'static + fmt::Debug> fmt::Debug for AsyncGuard<T> {
 #[must_use = "a builder does nothing until `build`"]
 pub struct AsyncGuardBuilder<T> {
     kind: &'static Kind,
+    site: Option<&'static Location<'static>>,
     resource: Option<Cow<'static, str>>,
     reaper: ReaperRef,
     handle: Option<Handle>,
@@ -459,6 +461,14 @@ impl<T: Send + 'static> AsyncGuardBuilder<T> {
     /// ```
     pub fn reaper(mut self, reaper: &Reaper) -> Self {
         self.reaper = ReaperRef::Owned(reaper.clone());
+        self
+    }
+
+    /// The acquisition site recorded in the ledger (default: the caller of `build`), for
+    /// guards whose public constructor is an `async fn` and captures its caller first.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn site(mut self, site: &'static Location<'static>) -> Self {
+        self.site = Some(site);
         self
     }
 
@@ -515,7 +525,11 @@ impl<T: Send + 'static> AsyncGuardBuilder<T> {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<BoxError>,
     {
-        let ticket = Ticket::new(self.kind);
+        let site = match self.site {
+            Some(site) => site,
+            None => Location::caller(),
+        };
+        let ticket = Ticket::at(self.kind, site);
         AsyncGuard {
             parts: Some(Parts {
                 value,

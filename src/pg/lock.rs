@@ -1,0 +1,418 @@
+//! `PgLock`: the held advisory lock, its liveness watch and its release.
+
+use std::fmt;
+use std::io;
+use std::panic::Location;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio_postgres::types::ToSql;
+use tokio_util::sync::{CancellationToken, DropGuard, WaitForCancellationFuture};
+
+use super::error::{LostCause, pg_error};
+use super::key::{LockKey, Resolved};
+use super::session::{PgSession, Statements};
+use crate::ledger::{Kind, events};
+use crate::rt::AsyncGuard;
+
+static KIND: Kind = Kind::new("custodian::pg::PgLock");
+
+/// A session-level PostgreSQL advisory lock, held on a dedicated connection the guard
+/// owns, that says when it was lost.
+///
+/// Taken with [`PgLockOptions::acquire`](super::PgLockOptions::acquire) (or
+/// `try_acquire`, `acquire_timeout`, or the same on a reused [`PgSession`]). While it is
+/// held:
+/// - [`lost`](PgLock::lost) completes when the lock can no longer be assumed held (see
+///   [Loss detection](#loss-detection)): select on it in the work the lock protects;
+/// - [`fence`](PgLock::fence) is a token larger than any earlier holder's (see
+///   [Fencing](#fencing)).
+///
+/// Released by [`close`](PgLock::close) (unlock, error if the server says the lock was
+/// not held, close the connection), [`release`](PgLock::release) (unlock, keep the
+/// session for the next lock), or `Drop`, which never blocks: the unlock is handed to
+/// the [`Reaper`](crate::rt::Reaper) and if it fails, takes longer than the unlock
+/// timeout, or no runtime is left, the connection is closed instead, and the server
+/// frees the lock with the session. Either way the lock is free within one round trip
+/// of the drop.
+///
+/// ```no_run
+/// use custodian::pg::PgLockOptions;
+///
+/// # async fn run_migrations() {}
+/// # async fn f() -> std::io::Result<()> {
+/// let options = PgLockOptions::parse("host=db.internal user=app dbname=app")?;
+/// let lock = options.acquire("migrations").await?;
+/// tokio::select! {
+///     _ = run_migrations() => lock.close().await?,
+///     _ = lock.lost() => eprintln!("lost the migration lock: stopping"),
+/// }
+/// # Ok(()) }
+/// ```
+///
+/// # Loss detection
+/// The lock is lost when its session ends: a server restart or failover,
+/// `pg_terminate_backend`, an idle or network timeout, a half-open TCP connection.
+/// PostgreSQL then frees the lock at once and another client may take it. `lost()`
+/// fires, once, with a tracing `error` event naming the key and the cause, when:
+/// - the connection ends (the server closes it when it terminates the backend or shuts
+///   down; this is seen at once);
+/// - the liveness check — a query every [`check_interval`] (1 s by default) asking
+///   `pg_locks` whether this session still holds the lock — fails, answers no, or gets
+///   no answer within the check timeout (a half-open connection). TCP keepalives (5 s
+///   idle, 1 s interval, 3 probes) catch a dead peer under an idle connection too.
+///
+/// **Bound:** after the server kills the backend, `lost()` fires within the check
+/// interval plus one round trip (in practice at once, when the server's goodbye
+/// arrives). After a silent network failure, within the check interval plus the check
+/// timeout. Work done after the lock was lost and before `lost()` fired is not
+/// protected: use [fencing](#fencing) where that matters.
+///
+/// # Fencing
+/// Right after the lock is granted, in the same statement, the guard bumps a counter for
+/// the key in a small table (`custodian_fence` by default, created on first use) and
+/// keeps the new value: [`fence`](PgLock::fence). Every acquisition of the key by any
+/// client gets a strictly larger token. Pass it with every write the lock protects and
+/// have the store reject a token smaller than the largest it has seen (for example
+/// `UPDATE ... WHERE last_fence <= $token`): a holder that lost the lock without
+/// knowing it (a long pause, a partition) is then refused instead of overwriting the
+/// new holder's work. Turn it off with
+/// [`PgLockOptions::fencing(None)`](super::PgLockOptions::fencing).
+///
+/// # Caveats
+/// A session-level lock lives in one server session: behind a pooler in transaction
+/// mode (PgBouncer's `pool_mode = transaction`) consecutive statements run on different
+/// server connections, and the lock is held by whichever one ran the lock statement.
+/// Connect directly, or through session pooling. Each held lock takes one connection.
+///
+/// [`check_interval`]: super::PgLockOptions::check_interval
+#[must_use = "dropping a PgLock releases the lock at once"]
+pub struct PgLock {
+    guard: AsyncGuard<Held>,
+    lost: CancellationToken,
+    cause: Arc<OnceLock<LostCause>>,
+    key: LockKey,
+    fence: Option<i64>,
+    /// Stops the liveness watch when the lock is dropped, before the reaper unlocks.
+    stop_watch: DropGuard,
+}
+
+/// What the guard's cleanup needs: the session and how to unlock.
+struct Held {
+    session: PgSession,
+    key: Resolved,
+    unlock: Statements,
+    what: Arc<str>,
+    /// Set when `release` sent the unlock: a cleanup after a cancelled `release` then
+    /// only closes the connection (a second unlock would say "not held").
+    unlock_sent: bool,
+}
+
+impl Held {
+    async fn unlock(&mut self) -> io::Result<()> {
+        self.unlock_sent = true;
+        let (a, b) = match self.key {
+            Resolved::Id(k) => (k, 0),
+            Resolved::Pair(a, b) => (i64::from(a), i64::from(b)),
+        };
+        let (ka, kb) = (a as i32, b as i32);
+        let params: Vec<&(dyn ToSql + Sync)> = match self.key {
+            Resolved::Id(_) => vec![&a],
+            Resolved::Pair(..) => vec![&ka, &kb],
+        };
+        let timeout = self.session.options.unlock_timeout;
+        let query = self.session.client.query_one(&self.unlock.unlock, &params);
+        match tokio::time::timeout(timeout, query).await {
+            Ok(Ok(row)) if row.get::<_, bool>(0) => Ok(()),
+            Ok(Ok(_)) => Err(io::Error::other(format!(
+                "cannot release {}: the server says backend pid {} did not hold it \
+                 (the lock was lost)",
+                self.what, self.session.backend_pid
+            ))),
+            Ok(Err(e)) => Err(pg_error(
+                e,
+                format_args!(
+                    "cannot release {} (backend pid {})",
+                    self.what, self.session.backend_pid
+                ),
+            )),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "cannot release {}: no answer within {timeout:?}; the connection is closed instead",
+                    self.what
+                ),
+            )),
+        }
+    }
+
+    /// Closes the connection at once: the server frees the lock with the session.
+    fn close_connection(&self) {
+        self.session.conn_task.abort();
+    }
+
+    /// The cleanup of `close` and of a dropped lock: unlock, then close the connection.
+    async fn cleanup(mut self) -> io::Result<()> {
+        let result = if self.unlock_sent {
+            Ok(())
+        } else {
+            self.unlock().await
+        };
+        self.close_connection();
+        result
+    }
+}
+
+impl PgLock {
+    pub(crate) fn new(
+        session: PgSession,
+        key: LockKey,
+        resolved: Resolved,
+        shared: bool,
+        fence: Option<i64>,
+        unlock: Statements,
+        site: &'static Location<'static>,
+    ) -> PgLock {
+        let what: Arc<str> = format!(
+            "{} advisory lock {key} on {}",
+            if shared { "shared" } else { "exclusive" },
+            session.endpoint
+        )
+        .into();
+        let lost = CancellationToken::new();
+        let cause = Arc::new(OnceLock::new());
+        let stop = CancellationToken::new();
+        let check = session.check.clone();
+        let watch = Watch {
+            client: Arc::clone(&session.client),
+            check,
+            key: resolved,
+            interval: session.options.check_interval,
+            timeout: session.options.effective_check_timeout(),
+            closed: session.closed.clone(),
+            closed_why: Arc::clone(&session.closed_why),
+            stop: stop.clone(),
+            lost: lost.clone(),
+            cause: Arc::clone(&cause),
+            what: Arc::clone(&what),
+            site,
+        };
+        tokio::spawn(watch.run());
+        let mut builder = AsyncGuard::builder()
+            .kind(&KIND)
+            .resource(what.to_string())
+            .site(site)
+            .fallback(|held: Held| held.close_connection());
+        if let Some(reaper) = &session.options.reaper {
+            builder = builder.reaper(reaper);
+        }
+        let held = Held {
+            session,
+            key: resolved,
+            unlock,
+            what,
+            unlock_sent: false,
+        };
+        PgLock {
+            guard: builder.build(held, Held::cleanup),
+            lost,
+            cause,
+            key,
+            fence,
+            stop_watch: stop.drop_guard(),
+        }
+    }
+
+    /// Completes when the lock can no longer be assumed held (see
+    /// [Loss detection](#loss-detection)); pending for as long as it is. Fires once;
+    /// every call after that completes at once.
+    ///
+    /// ```no_run
+    /// # async fn work() {}
+    /// # async fn f(lock: custodian::pg::PgLock) -> std::io::Result<()> {
+    /// tokio::select! {
+    ///     _ = work() => lock.close().await?,
+    ///     _ = lock.lost() => eprintln!("lost: {}", lock.lost_cause().unwrap()),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropping the future changes nothing; call `lost()` again.
+    pub fn lost(&self) -> WaitForCancellationFuture<'_> {
+        self.lost.cancelled()
+    }
+
+    /// A token cancelled when the lock is lost, to hand to tasks doing the protected
+    /// work (cancelling it yourself does not affect the lock).
+    pub fn lost_token(&self) -> CancellationToken {
+        self.lost.child_token()
+    }
+
+    /// Whether the lock is known to be lost.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// Why the lock was lost, once it was.
+    pub fn lost_cause(&self) -> Option<&LostCause> {
+        self.cause.get()
+    }
+
+    /// The fencing token of this acquisition: larger than that of every earlier
+    /// acquisition of the key, by any client (see [Fencing](#fencing)); `None` with
+    /// fencing off.
+    pub fn fence(&self) -> Option<i64> {
+        self.fence
+    }
+
+    /// The key.
+    pub fn key(&self) -> &LockKey {
+        &self.key
+    }
+
+    /// The lock's own session, to run the protected work in the same session (so that
+    /// it cannot outlive the lock) or to inspect it. Do not unlock through it: `close`
+    /// would then report the lock as not held, and the liveness check fires `lost()`.
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self.guard.session.client
+    }
+
+    /// The server's pid for the session holding the lock.
+    pub fn backend_pid(&self) -> i32 {
+        self.guard.session.backend_pid
+    }
+
+    /// Unlocks and closes the connection.
+    ///
+    /// # Errors
+    /// The server said the session did not hold the lock (it was lost), the unlock
+    /// failed or got no answer within the unlock timeout (kind `TimedOut`), each naming
+    /// the key and the server. The connection is closed either way, so the lock is free.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropped before it finished, the rest of the release runs on the
+    /// reaper, and its error is reported there.
+    pub async fn close(self) -> io::Result<()> {
+        let PgLock {
+            guard, stop_watch, ..
+        } = self;
+        drop(stop_watch);
+        guard
+            .close()
+            .await
+            .map_err(|e| match e.downcast::<io::Error>() {
+                Ok(e) => *e,
+                Err(e) => io::Error::other(e),
+            })
+    }
+
+    /// Unlocks and gives the session back, to take the next lock without reconnecting.
+    ///
+    /// # Errors
+    /// As [`close`](PgLock::close); the connection is closed then.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropped before it finished, the connection is closed on the reaper
+    /// (the lock goes with the session).
+    pub async fn release(self) -> io::Result<PgSession> {
+        let PgLock {
+            mut guard,
+            stop_watch,
+            ..
+        } = self;
+        drop(stop_watch);
+        match guard.unlock().await {
+            Ok(()) => Ok(AsyncGuard::into_inner(guard).session),
+            Err(e) => {
+                AsyncGuard::into_inner(guard).close_connection();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for PgLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgLock")
+            .field("what", &self.guard.what)
+            .field("backend_pid", &self.backend_pid())
+            .field("fence", &self.fence)
+            .field("lost", &self.lost_cause())
+            .finish()
+    }
+}
+
+/// The liveness watch of one held lock, as a task: fires `lost` when the connection ends
+/// or a check fails; stops when `stop` is cancelled (the lock was released or dropped).
+struct Watch {
+    client: Arc<tokio_postgres::Client>,
+    check: Option<tokio_postgres::Statement>,
+    key: Resolved,
+    interval: Duration,
+    timeout: Duration,
+    closed: CancellationToken,
+    closed_why: Arc<OnceLock<LostCause>>,
+    stop: CancellationToken,
+    lost: CancellationToken,
+    cause: Arc<OnceLock<LostCause>>,
+    what: Arc<str>,
+    site: &'static Location<'static>,
+}
+
+impl Watch {
+    async fn run(self) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is now: the lock was just granted
+        let (classid, objid, objsubid) = self.key.pg_locks();
+        let cause = loop {
+            tokio::select! {
+                biased;
+                () = self.stop.cancelled() => return,
+                () = self.closed.cancelled() => break self.closed_cause(),
+                _ = tick.tick() => {}
+            }
+            let Some(check) = &self.check else {
+                continue;
+            };
+            let params: [&(dyn ToSql + Sync); 3] = [&classid, &objid, &objsubid];
+            let query = self.client.query_one(check, &params);
+            let outcome = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => return,
+                () = self.closed.cancelled() => break self.closed_cause(),
+                outcome = tokio::time::timeout(self.timeout, query) => outcome,
+            };
+            match outcome {
+                Ok(Ok(row)) if row.get::<_, bool>(0) => {}
+                Ok(Ok(_)) => break LostCause::NotHeld,
+                Ok(Err(e)) if self.client.is_closed() => {
+                    // The connection task records the server's reason: wait for it.
+                    let reason = tokio::time::timeout(self.timeout, self.closed.cancelled());
+                    break match reason.await {
+                        Ok(()) => self.closed_cause(),
+                        Err(_) => LostCause::ConnectionClosed(super::error::chain(&e)),
+                    };
+                }
+                Ok(Err(e)) => break LostCause::CheckFailed(super::error::chain(&e)),
+                Err(_) => break LostCause::CheckTimedOut(self.timeout),
+            }
+        };
+        if self.stop.is_cancelled() {
+            return;
+        }
+        let _ = self.cause.set(cause);
+        if let Some(cause) = self.cause.get() {
+            events::failure("lock lost", KIND.name(), self.site, &self.what, cause);
+        }
+        self.lost.cancel();
+    }
+
+    fn closed_cause(&self) -> LostCause {
+        self.closed_why
+            .get()
+            .cloned()
+            .unwrap_or_else(|| LostCause::ConnectionClosed("closed".into()))
+    }
+}

@@ -1,0 +1,799 @@
+//! `PgLockOptions` and `PgSession`: the dedicated connection a lock is taken on.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::panic::Location;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::task::AbortHandle;
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_util::sync::CancellationToken;
+
+use super::error::{Holder, LostCause, PgLockHeld, closed_cause, pg_error};
+use super::key::{LockKey, Resolved};
+use super::lock::PgLock;
+use crate::rt::Reaper;
+
+/// How to connect and lock: the server, shared or exclusive, the liveness check, fencing.
+///
+/// Made from a `tokio_postgres::Config` ([`new`](PgLockOptions::new)) or a connection
+/// string ([`parse`](PgLockOptions::parse), libpq's `key=value` or URL form). Each
+/// acquisition through it opens a **dedicated** connection that the lock owns (never a
+/// pooled one); [`connect`](PgLockOptions::connect) opens one to reuse across
+/// acquisitions.
+///
+/// What it sets on the connection unless the config already says otherwise:
+/// `application_name` `custodian` (so that holders are recognisable in
+/// `pg_stat_activity`), a connect timeout of 10 s. Always: TCP keepalives (idle 5 s,
+/// interval 1 s, 3 probes) and a TCP user timeout of 10 s, so that a dead peer is noticed
+/// by the socket too. TLS is not supported yet (the connection is `NoTls`).
+///
+/// ```no_run
+/// use custodian::pg::PgLockOptions;
+/// use std::time::Duration;
+///
+/// # async fn f() -> std::io::Result<()> {
+/// let options = PgLockOptions::parse("host=db.internal user=app dbname=app")?
+///     .check_interval(Duration::from_millis(500))
+///     .clone();
+/// let lock = options.acquire("nightly-report").await?;
+/// // ... the work, selecting on lock.lost() ...
+/// lock.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgLockOptions {
+    pub(crate) config: Config,
+    pub(crate) shared: bool,
+    pub(crate) check_interval: Duration,
+    pub(crate) check_timeout: Option<Duration>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) unlock_timeout: Duration,
+    pub(crate) fence_table: Option<String>,
+    pub(crate) reaper: Option<Reaper>,
+}
+
+/// The default liveness-check interval.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+impl PgLockOptions {
+    /// Options for the server `config` names: exclusive, liveness check every second,
+    /// fencing on (table `custodian_fence`), unlock timeout 5 s.
+    pub fn new(config: Config) -> PgLockOptions {
+        PgLockOptions {
+            config,
+            shared: false,
+            check_interval: CHECK_INTERVAL,
+            check_timeout: None,
+            connect_timeout: Duration::from_secs(10),
+            unlock_timeout: Duration::from_secs(5),
+            fence_table: Some("custodian_fence".into()),
+            reaper: None,
+        }
+    }
+
+    /// Options from a connection string (`host=... port=... user=... dbname=...` or
+    /// `postgresql://user@host:port/db`).
+    ///
+    /// ```
+    /// let options = custodian::pg::PgLockOptions::parse("host=127.0.0.1 port=5432 user=app")?;
+    /// assert_eq!(options.endpoint(), "127.0.0.1:5432");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The string does not parse: kind `InvalidInput`, saying why (the string itself is
+    /// not repeated: it may hold a password).
+    pub fn parse(conn: &str) -> io::Result<PgLockOptions> {
+        let config: Config = conn.parse().map_err(|e: tokio_postgres::Error| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "invalid PostgreSQL connection string: {}",
+                    super::error::chain(&e)
+                ),
+            )
+        })?;
+        Ok(PgLockOptions::new(config))
+    }
+
+    /// Shared (many shared holders at once, no exclusive one) or exclusive (default).
+    pub fn shared(&mut self, shared: bool) -> &mut Self {
+        self.shared = shared;
+        self
+    }
+
+    /// How often the liveness check runs while a lock is held (default 1 s). Each check
+    /// is one query on the lock's connection that asks `pg_locks` whether this session
+    /// still holds the lock. [`PgLock::lost`] fires within this interval plus one round
+    /// trip of the session's loss (at once when the server closes the connection).
+    pub fn check_interval(&mut self, interval: Duration) -> &mut Self {
+        self.check_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a liveness check may take before the lock counts as lost (default: the
+    /// check interval, at least 1 s).
+    pub fn check_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.check_timeout = Some(timeout);
+        self
+    }
+
+    /// The connect timeout used when the config sets none (default 10 s). It bounds the
+    /// whole connection set-up (TCP, authentication), not only the TCP connect.
+    pub fn connect_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long `close` and a dropped lock wait for the unlock before closing the
+    /// connection instead (default 5 s).
+    pub fn unlock_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.unlock_timeout = timeout;
+        self
+    }
+
+    /// Fencing tokens ([`PgLock::fence`]): on (default) with a counter table of this
+    /// name (an identifier in the search path, quoted; created on first use), or off
+    /// with `None` (no table, no write per acquisition; `fence()` is then `None`).
+    pub fn fencing(&mut self, table: Option<&str>) -> &mut Self {
+        self.fence_table = table.map(str::to_owned);
+        self
+    }
+
+    /// The reaper that runs the unlock of a dropped lock (default [`Reaper::global`]).
+    pub fn reaper(&mut self, reaper: &Reaper) -> &mut Self {
+        self.reaper = Some(reaper.clone());
+        self
+    }
+
+    /// The server as errors and events name it: `host:port` (each one, if several).
+    pub fn endpoint(&self) -> String {
+        endpoint(&self.config)
+    }
+
+    pub(crate) fn effective_check_timeout(&self) -> Duration {
+        self.check_timeout
+            .unwrap_or(self.check_interval.max(Duration::from_secs(1)))
+    }
+
+    /// Opens a dedicated connection to take locks on, one at a time
+    /// ([`PgSession::acquire`], [`PgLock::release`] to get it back). Reusing it saves the
+    /// connection set-up (a new server process) on every acquisition.
+    ///
+    /// # Errors
+    /// The connection failed: refused, timed out (kind `TimedOut`), authentication
+    /// failed, ... each naming the server's `host:port`.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a cancelled connect leaves nothing open.
+    pub async fn connect(&self) -> io::Result<PgSession> {
+        PgSession::connect(self).await
+    }
+
+    /// Opens a dedicated connection and takes the lock on `key`, waiting as long as it
+    /// takes.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect); and a failed lock query (the server went away,
+    /// the fence table could not be created), naming the key and the server.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: if the future is dropped while it waits, the server is told to stop
+    /// waiting (a cancel request) and the connection is closed, so the lock is never left
+    /// held, nor taken later by a wait nobody listens to.
+    #[track_caller]
+    pub fn acquire(
+        &self,
+        key: impl Into<LockKey>,
+    ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
+        let (site, key, options) = (Location::caller(), key.into(), self.clone());
+        async move {
+            let session = PgSession::connect(&options).await?;
+            session.lock(key, Wait::Block, site).await
+        }
+    }
+
+    /// Opens a dedicated connection and takes the lock on `key` if it is free now.
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire); if the lock is held, an error of kind
+    /// [`WouldBlock`](io::ErrorKind::WouldBlock) holding a [`PgLockHeld`] that names
+    /// the holders' backend pids, `application_name`s and client addresses.
+    ///
+    /// # Cancel safety
+    /// As [`acquire`](Self::acquire).
+    #[track_caller]
+    pub fn try_acquire(
+        &self,
+        key: impl Into<LockKey>,
+    ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
+        let (site, key, options) = (Location::caller(), key.into(), self.clone());
+        async move {
+            let session = PgSession::connect(&options).await?;
+            session.lock(key, Wait::Try, site).await
+        }
+    }
+
+    /// Opens a dedicated connection and takes the lock on `key`, waiting at most
+    /// `timeout` (the server's `lock_timeout`; the connect has its own timeout).
+    ///
+    /// # Errors
+    /// As [`try_acquire`](Self::try_acquire) when the time is up.
+    ///
+    /// # Cancel safety
+    /// As [`acquire`](Self::acquire).
+    #[track_caller]
+    pub fn acquire_timeout(
+        &self,
+        key: impl Into<LockKey>,
+        timeout: Duration,
+    ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
+        let (site, key, options) = (Location::caller(), key.into(), self.clone());
+        async move {
+            let session = PgSession::connect(&options).await?;
+            session.lock(key, Wait::For(timeout), site).await
+        }
+    }
+}
+
+impl From<Config> for PgLockOptions {
+    fn from(config: Config) -> Self {
+        PgLockOptions::new(config)
+    }
+}
+
+impl fmt::Debug for PgLockOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not the config itself: it may hold a password.
+        f.debug_struct("PgLockOptions")
+            .field("endpoint", &self.endpoint())
+            .field("shared", &self.shared)
+            .field("check_interval", &self.check_interval)
+            .field("fence_table", &self.fence_table)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn endpoint(config: &Config) -> String {
+    let ports = config.get_ports();
+    let mut out = String::new();
+    let hosts = config.get_hosts();
+    if hosts.is_empty() {
+        out.push_str("localhost");
+    }
+    for (i, host) in hosts.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        match host {
+            Host::Tcp(h) => out.push_str(&format!("{h}:{port}")),
+            #[cfg(unix)]
+            Host::Unix(p) => out.push_str(&format!("{}/.s.PGSQL.{port}", p.display())),
+        }
+    }
+    if hosts.is_empty() {
+        out.push_str(&format!(":{}", ports.first().copied().unwrap_or(5432)));
+    }
+    out
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Wait {
+    Block,
+    Try,
+    For(Duration),
+}
+
+/// The prepared statements for one key form (`Id` or `Pair`) and mode.
+#[derive(Clone)]
+pub(crate) struct Statements {
+    pub(crate) lock: Statement,
+    pub(crate) try_lock: Statement,
+    pub(crate) unlock: Statement,
+}
+
+/// A dedicated connection to take advisory locks on, one at a time: the connection
+/// [`PgLockOptions::connect`] opens, that [`acquire`](PgSession::acquire) turns into a
+/// [`PgLock`] and [`PgLock::release`] gives back. Dropped, it closes the connection.
+///
+/// ```no_run
+/// use custodian::pg::PgLockOptions;
+///
+/// # async fn f() -> std::io::Result<()> {
+/// let options = PgLockOptions::parse("host=127.0.0.1 user=app dbname=app")?;
+/// let mut session = options.connect().await?;
+/// for job in 0..10i64 {
+///     let lock = session.acquire(job).await?;
+///     // ... job `job`, alone ...
+///     session = lock.release().await?;
+/// }
+/// # Ok(()) }
+/// ```
+pub struct PgSession {
+    pub(crate) client: Arc<Client>,
+    pub(crate) conn_task: AbortHandle,
+    pub(crate) options: Arc<PgLockOptions>,
+    pub(crate) endpoint: Arc<str>,
+    pub(crate) backend_pid: i32,
+    /// Cancelled when the connection task ends; `closed_why` says why.
+    pub(crate) closed: CancellationToken,
+    pub(crate) closed_why: Arc<OnceLock<LostCause>>,
+    /// Per key form and mode (`[form][shared]`), prepared on first use.
+    stmts: [[Option<Statements>; 2]; 2],
+    fence_stmts: [[Option<(Statement, Statement)>; 2]; 2],
+    pub(crate) check: Option<Statement>,
+    holders: Option<Statement>,
+    names: HashMap<String, i64>,
+}
+
+impl PgSession {
+    async fn connect(options: &PgLockOptions) -> io::Result<PgSession> {
+        let mut config = options.config.clone();
+        let connect_timeout = *config
+            .get_connect_timeout()
+            .unwrap_or(&options.connect_timeout);
+        config.connect_timeout(connect_timeout);
+        if config.get_application_name().is_none() {
+            config.application_name("custodian");
+        }
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3)
+            .tcp_user_timeout(Duration::from_secs(10));
+        let endpoint: Arc<str> = endpoint(&config).into();
+        // tokio-postgres's own timeout covers each TCP connect; this one covers the whole
+        // set-up, so that a server that accepts and never answers cannot hang us.
+        let connected = tokio::time::timeout(connect_timeout, config.connect(NoTls)).await;
+        let (client, connection) = match connected {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
+                return Err(pg_error(
+                    e,
+                    format_args!("cannot connect to PostgreSQL at {endpoint}"),
+                ));
+            }
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "cannot connect to PostgreSQL at {endpoint}: no answer within {connect_timeout:?}"
+                    ),
+                ));
+            }
+        };
+        let closed = CancellationToken::new();
+        let closed_why = Arc::new(OnceLock::new());
+        let conn_task = {
+            let (closed, closed_why) = (closed.clone(), Arc::clone(&closed_why));
+            tokio::spawn(async move {
+                let result = connection.await;
+                let _ = closed_why.set(closed_cause(result.as_ref().err()));
+                closed.cancel();
+            })
+            .abort_handle()
+        };
+        let mut session = PgSession {
+            client: Arc::new(client),
+            // Aborting the task drops the connection: the socket closes at once.
+            conn_task,
+            options: Arc::new(options.clone()),
+            endpoint,
+            backend_pid: 0,
+            closed,
+            closed_why,
+            stmts: Default::default(),
+            fence_stmts: Default::default(),
+            check: None,
+            holders: None,
+            names: HashMap::new(),
+        };
+        let row = session
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(|e| session.error(e, "cannot start a session"))?;
+        session.backend_pid = row.get(0);
+        Ok(session)
+    }
+
+    /// Takes the lock on `key` on this session, waiting as long as it takes. Shared or
+    /// exclusive as the options said.
+    ///
+    /// # Errors
+    /// The lock query failed (the server went away, the fence table could not be
+    /// created), naming the key and the server. The session is closed then.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a cancelled wait is cancelled on the server too (a cancel request)
+    /// and the session closed, so the lock is never left held.
+    #[track_caller]
+    pub fn acquire(
+        self,
+        key: impl Into<LockKey>,
+    ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
+        self.lock(key.into(), Wait::Block, Location::caller())
+    }
+
+    /// Takes the lock on `key` if it is free now.
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire); if the lock is held, kind `WouldBlock` with a
+    /// [`PgLockHeld`] naming the holders, from which
+    /// [`PgLockHeld::into_session`] gives this session back.
+    ///
+    /// # Cancel safety
+    /// As [`acquire`](Self::acquire).
+    #[track_caller]
+    pub fn try_acquire(
+        self,
+        key: impl Into<LockKey>,
+    ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
+        self.lock(key.into(), Wait::Try, Location::caller())
+    }
+
+    /// Takes the lock on `key`, waiting at most `timeout`.
+    ///
+    /// # Errors
+    /// As [`try_acquire`](Self::try_acquire) when the time is up.
+    ///
+    /// # Cancel safety
+    /// As [`acquire`](Self::acquire).
+    #[track_caller]
+    pub fn acquire_timeout(
+        self,
+        key: impl Into<LockKey>,
+        timeout: Duration,
+    ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
+        self.lock(key.into(), Wait::For(timeout), Location::caller())
+    }
+
+    /// The server's pid for this session (`pg_backend_pid()`).
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
+    }
+
+    /// The server, as `host:port`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    pub(crate) fn error(&self, e: tokio_postgres::Error, what: &str) -> io::Error {
+        pg_error(
+            e,
+            format_args!(
+                "{what} on PostgreSQL at {} (backend pid {})",
+                self.endpoint, self.backend_pid
+            ),
+        )
+    }
+
+    pub(crate) async fn lock(
+        mut self,
+        key: LockKey,
+        wait: Wait,
+        site: &'static Location<'static>,
+    ) -> io::Result<PgLock> {
+        let start = Instant::now();
+        let what = format!("advisory lock {key} on {}", self.endpoint);
+        let resolved = self.resolve(&key).await?;
+        let shared = self.options.shared;
+        let fencing = self.options.fence_table.is_some();
+        let (lock_stmt, try_stmt) = if fencing {
+            let (lock, try_lock) = self.fence_statements(resolved).await?;
+            (lock, try_lock)
+        } else {
+            let s = self.statements(resolved).await?;
+            (s.lock.clone(), s.try_lock.clone())
+        };
+        let (a, b) = match resolved {
+            Resolved::Id(k) => (k, 0),
+            Resolved::Pair(a, b) => (i64::from(a), i64::from(b)),
+        };
+        let (k64, ka, kb) = (a, a as i32, b as i32);
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = match resolved {
+            Resolved::Id(_) => vec![&k64],
+            Resolved::Pair(..) => vec![&ka, &kb],
+        };
+        // From here the server may be waiting for the lock on our behalf: if this future
+        // is dropped, tell it to stop and close the connection.
+        let cancel_on_drop = CancelOnDrop::new(&self);
+        let outcome: Result<Option<i64>, tokio_postgres::Error> = async {
+            match wait {
+                Wait::Try => {
+                    let rows = self.client.query(&try_stmt, &params).await?;
+                    Ok(rows.first().and_then(|row| {
+                        if fencing {
+                            Some(row.get::<_, i64>(0))
+                        } else {
+                            row.get::<_, bool>(0).then_some(0)
+                        }
+                    }))
+                }
+                Wait::Block | Wait::For(_) => {
+                    if let Wait::For(d) = wait {
+                        let ms = d.as_millis().clamp(1, i32::MAX as u128).to_string();
+                        self.client
+                            .execute("SELECT set_config('lock_timeout', $1, false)", &[&ms])
+                            .await?;
+                    }
+                    let result = self.client.query_one(&lock_stmt, &params).await;
+                    if let Wait::For(_) = wait {
+                        self.client
+                            .execute("SELECT set_config('lock_timeout', '0', false)", &[])
+                            .await?;
+                    }
+                    match result {
+                        Ok(row) => Ok(Some(if fencing { row.get::<_, i64>(0) } else { 0 })),
+                        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+        }
+        .await;
+        cancel_on_drop.disarm();
+        match outcome {
+            Ok(Some(token)) => {
+                let statements = self.statements(resolved).await?;
+                self.check_statement().await?;
+                let fence = fencing.then_some(token);
+                Ok(PgLock::new(
+                    self, key, resolved, shared, fence, statements, site,
+                ))
+            }
+            Ok(None) => {
+                let waited = match wait {
+                    Wait::Try => Duration::ZERO,
+                    _ => start.elapsed(),
+                };
+                let holders = self.holders(resolved).await?;
+                Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    PgLockHeld {
+                        what,
+                        holders,
+                        waited,
+                        session: Some(self),
+                    },
+                ))
+            }
+            Err(e) => Err(pg_error(
+                e,
+                format_args!("cannot take {what} (backend pid {})", self.backend_pid),
+            )),
+        }
+    }
+
+    /// The key as the server sees it; a name is hashed by the server (and remembered).
+    async fn resolve(&mut self, key: &LockKey) -> io::Result<Resolved> {
+        Ok(match key {
+            LockKey::Id(k) => Resolved::Id(*k),
+            LockKey::Pair(a, b) => Resolved::Pair(*a, *b),
+            LockKey::Name(name) => {
+                if let Some(k) = self.names.get(name.as_ref()) {
+                    return Ok(Resolved::Id(*k));
+                }
+                let row = self
+                    .client
+                    .query_one("SELECT hashtextextended($1, 0)", &[&name.as_ref()])
+                    .await
+                    .map_err(|e| self.error(e, &format!("cannot hash the lock name {name:?}")))?;
+                let k: i64 = row.get(0);
+                self.names.insert(name.to_string(), k);
+                Resolved::Id(k)
+            }
+        })
+    }
+
+    pub(crate) async fn statements(&mut self, key: Resolved) -> io::Result<Statements> {
+        let shared = self.options.shared;
+        if let Some(s) = &self.stmts[key.form()][usize::from(shared)] {
+            return Ok(s.clone());
+        }
+        let sfx = if shared { "_shared" } else { "" };
+        let args = key.args();
+        let prepare = |sql: String| {
+            let client = Arc::clone(&self.client);
+            async move { client.prepare(&sql).await }
+        };
+        let (lock, try_lock, unlock) = tokio::try_join!(
+            prepare(format!("SELECT pg_advisory_lock{sfx}({args})")),
+            prepare(format!("SELECT pg_try_advisory_lock{sfx}({args})")),
+            prepare(format!("SELECT pg_advisory_unlock{sfx}({args})")),
+        )
+        .map_err(|e| self.error(e, "cannot prepare the lock statements"))?;
+        let s = Statements {
+            lock,
+            try_lock,
+            unlock,
+        };
+        self.stmts[key.form()][usize::from(shared)] = Some(s.clone());
+        Ok(s)
+    }
+
+    /// The lock statements that also bump the key's fence counter, in the same
+    /// statement: `(wait, try)`, each returning the new token (no row when `try` did not
+    /// get the lock). The table is created on first use.
+    async fn fence_statements(&mut self, key: Resolved) -> io::Result<(Statement, Statement)> {
+        let shared = self.options.shared;
+        if let Some(s) = &self.fence_stmts[key.form()][usize::from(shared)] {
+            return Ok(s.clone());
+        }
+        let table = quote_ident(self.options.fence_table.as_deref().unwrap_or_default());
+        let sfx = if shared { "_shared" } else { "" };
+        let (args, cols) = (key.args(), key.fence_columns());
+        // The counter is bumped after the lock is granted (the insert reads the CTE's
+        // row) and committed at once (autocommit). In READ COMMITTED, ON CONFLICT DO
+        // UPDATE updates the latest committed row even if the statement's snapshot is
+        // older (taken before the lock wait), so each holder gets a larger token than
+        // every earlier holder got.
+        let sql = |try_: &str, filter: &str| {
+            format!(
+                "WITH l AS (SELECT pg_{try_}advisory_lock{sfx}({args}) AS got) \
+                 INSERT INTO {table} AS f (space, key, token) SELECT {cols}, 1 FROM l {filter} \
+                 ON CONFLICT (space, key) DO UPDATE SET token = f.token + 1 RETURNING f.token"
+            )
+        };
+        let (wait_sql, try_sql) = (sql("", ""), sql("try_", "WHERE got"));
+        let mut created = false;
+        loop {
+            let prepared = tokio::try_join!(
+                self.client.prepare(&wait_sql),
+                self.client.prepare(&try_sql)
+            );
+            match prepared {
+                Ok(pair) => {
+                    self.fence_stmts[key.form()][usize::from(shared)] = Some(pair.clone());
+                    return Ok(pair);
+                }
+                Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) && !created => {
+                    created = true;
+                    let create = format!(
+                        "CREATE TABLE IF NOT EXISTS {table} (space int2 NOT NULL, key int8 NOT NULL, \
+                         token int8 NOT NULL, PRIMARY KEY (space, key))"
+                    );
+                    match self.client.batch_execute(&create).await {
+                        Ok(()) => {}
+                        // Created by another session at the same moment.
+                        Err(e)
+                            if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+                                || e.code() == Some(&SqlState::DUPLICATE_TABLE) => {}
+                        Err(e) => {
+                            return Err(
+                                self.error(e, &format!("cannot create the fence table {table}"))
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    return Err(self.error(
+                        e,
+                        &format!("cannot prepare the fenced lock statements (table {table})"),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The liveness check: does this session still hold the lock?
+    pub(crate) async fn check_statement(&mut self) -> io::Result<Statement> {
+        if let Some(s) = &self.check {
+            return Ok(s.clone());
+        }
+        let s = self
+            .client
+            .prepare(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND pid = pg_backend_pid() AND classid = $1::oid AND objid = $2::oid \
+                 AND objsubid = $3::int2 AND granted)",
+            )
+            .await
+            .map_err(|e| self.error(e, "cannot prepare the liveness check"))?;
+        self.check = Some(s.clone());
+        Ok(s)
+    }
+
+    async fn holders(&mut self, key: Resolved) -> io::Result<Vec<Holder>> {
+        let stmt = match &self.holders {
+            Some(s) => s.clone(),
+            None => {
+                let s = self
+                    .client
+                    .prepare(
+                        "SELECT l.pid, coalesce(a.application_name, ''), host(a.client_addr), \
+                         l.mode = 'ShareLock' FROM pg_locks l \
+                         LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+                         WHERE l.locktype = 'advisory' \
+                         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                         AND l.classid = $1::oid AND l.objid = $2::oid AND l.objsubid = $3::int2 \
+                         AND l.granted AND l.pid <> pg_backend_pid() ORDER BY l.pid",
+                    )
+                    .await
+                    .map_err(|e| self.error(e, "cannot prepare the holders query"))?;
+                self.holders = Some(s.clone());
+                s
+            }
+        };
+        let (classid, objid, objsubid) = key.pg_locks();
+        let rows = self
+            .client
+            .query(&stmt, &[&classid, &objid, &objsubid])
+            .await
+            .map_err(|e| self.error(e, "cannot read the lock's holders"))?;
+        Ok(rows
+            .iter()
+            .map(|row| Holder {
+                pid: row.get(0),
+                application_name: row.get(1),
+                client_addr: row.get(2),
+                shared: row.get(3),
+            })
+            .collect())
+    }
+}
+
+impl fmt::Debug for PgSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgSession")
+            .field("endpoint", &self.endpoint)
+            .field("backend_pid", &self.backend_pid)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// While a lock query is in flight: if the acquiring future is dropped, a cancel
+/// request stops the server's wait (a backend waiting for a lock does not notice that
+/// its client went away), and the connection is closed.
+struct CancelOnDrop {
+    armed: Option<(tokio_postgres::CancelToken, AbortHandle, Option<Reaper>)>,
+}
+
+impl CancelOnDrop {
+    fn new(session: &PgSession) -> CancelOnDrop {
+        CancelOnDrop {
+            armed: Some((
+                session.client.cancel_token(),
+                session.conn_task.clone(),
+                session.options.reaper.clone(),
+            )),
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some((token, conn_task, reaper)) = self.armed.take() {
+            let reaper = reaper.as_ref().unwrap_or(Reaper::global());
+            reaper.defer(async move {
+                let result = token.cancel_query(NoTls).await;
+                conn_task.abort();
+                result
+            });
+        }
+    }
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

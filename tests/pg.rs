@@ -1,0 +1,670 @@
+//! `custodian::pg` against a real PostgreSQL server: run under `scripts/with-postgres`,
+//! which starts a throwaway one and sets `CUSTODIAN_TEST_PG`. Without it the tests print
+//! `SKIPPED: CUSTODIAN_TEST_PG not set` and pass, unless `CUSTODIAN_REQUIRE_PG` is set
+//! (as CI does), where they fail.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::process::{Child, ChildStdout, Stdio};
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use custodian::pg::{LockKey, LostCause, PgLock, PgLockHeld, PgLockOptions};
+
+/// The restart test takes this exclusively; every other test shares it, so that no test
+/// sees the server go away under it.
+static SERVER: RwLock<()> = RwLock::new(());
+
+/// The server's connection string, or `None` (after saying so) when there is none.
+fn server() -> Option<String> {
+    match std::env::var("CUSTODIAN_TEST_PG") {
+        Ok(s) if !s.is_empty() => Some(s),
+        _ => {
+            if std::env::var_os("CUSTODIAN_REQUIRE_PG").is_some() {
+                panic!(
+                    "CUSTODIAN_REQUIRE_PG is set but CUSTODIAN_TEST_PG is not: run under scripts/with-postgres"
+                );
+            }
+            println!("SKIPPED: CUSTODIAN_TEST_PG not set");
+            None
+        }
+    }
+}
+
+/// Options for the test server with a recognisable application name.
+fn options(conn: &str, app: &str) -> PgLockOptions {
+    let mut config: tokio_postgres::Config = conn.parse().unwrap();
+    config.application_name(app);
+    PgLockOptions::new(config)
+}
+
+/// A plain connection, for what the tests do behind the guard's back.
+async fn raw(conn: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Whether some session holds the advisory lock `key` (an `Id` key).
+async fn held_by(client: &tokio_postgres::Client, key: i64) -> Vec<i32> {
+    let rows = client
+        .query(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 \
+             AND classid = (($1::int8 >> 32) & 4294967295)::oid AND objid = ($1::int8 & 4294967295)::oid AND granted",
+            &[&key],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// Polls until nobody holds `key`; returns how long that took.
+async fn wait_free(client: &tokio_postgres::Client, key: i64, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if held_by(client, key).await.is_empty() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "lock {key} still held after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+struct Role {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+impl Role {
+    fn spawn(role: &str, env: &[(&str, String)]) -> Role {
+        let mut cmd = common::child_role(role);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Role { child, out }
+    }
+
+    /// The rest of the next line that contains `marker`, after it.
+    fn line(&mut self, marker: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.out.read_line(&mut line).unwrap();
+            assert!(n > 0, "child exited before printing {marker}");
+            if let Some(i) = line.find(marker) {
+                return line[i + marker.len()..].trim().to_owned();
+            }
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn finish(mut self) {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "child failed: {status}");
+    }
+}
+
+fn env_conn() -> Option<String> {
+    std::env::var("CUSTODIAN_TEST_PG").ok()
+}
+
+// ---------------------------------------------------------------------------------------
+// Mutual exclusion across processes
+
+#[test]
+fn eight_processes_times_200_increments_under_the_lock_lose_none() {
+    let Some(_conn) = server() else { return };
+    let _server = SERVER.read();
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("counter");
+    std::fs::write(&counter, "0").unwrap();
+    let roles: Vec<Role> = (0..8)
+        .map(|_| {
+            Role::spawn(
+                "child_role_increment",
+                &[("CUSTODIAN_PG_COUNTER", counter.display().to_string())],
+            )
+        })
+        .collect();
+    for role in roles {
+        role.finish();
+    }
+    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "1600");
+}
+
+#[test]
+#[ignore = "child role of eight_processes_times_200_increments_under_the_lock_lose_none"]
+fn child_role_increment() {
+    let (Some(conn), Some(path)) = (env_conn(), std::env::var_os("CUSTODIAN_PG_COUNTER")) else {
+        return;
+    };
+    common::current_thread().block_on(async {
+        let mut session = options(&conn, "increment").connect().await.unwrap();
+        let mut last_fence = 0;
+        for _ in 0..200 {
+            let lock = session.acquire(LockKey::Id(9_001)).await.unwrap();
+            let fence = lock.fence().unwrap();
+            assert!(fence > last_fence, "{fence} after {last_fence}");
+            last_fence = fence;
+            // Read, give the others a chance to run, write: a lost update without the lock.
+            let n: u64 = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+            tokio::task::yield_now().await;
+            std::thread::yield_now();
+            std::fs::write(&path, (n + 1).to_string()).unwrap();
+            session = lock.release().await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn fence_strictly_increases_across_100_alternating_acquisitions_by_two_processes() {
+    let Some(_conn) = server() else { return };
+    let _server = SERVER.read();
+    let mut roles = [
+        Role::spawn("child_role_fence", &[]),
+        Role::spawn("child_role_fence", &[]),
+    ];
+    let mut tokens = Vec::new();
+    for i in 0..100 {
+        let role = &mut roles[i % 2];
+        role.send("GO");
+        tokens.push(role.line("FENCE ").parse::<i64>().unwrap());
+    }
+    for [role] in roles.map(|r| [r]) {
+        role.finish();
+    }
+    for pair in tokens.windows(2) {
+        assert!(pair[0] < pair[1], "fences not increasing: {tokens:?}");
+    }
+}
+
+#[test]
+#[ignore = "child role of fence_strictly_increases_across_100_alternating_acquisitions_by_two_processes"]
+fn child_role_fence() {
+    let Some(conn) = env_conn() else { return };
+    common::current_thread().block_on(async {
+        let mut session = Some(options(&conn, "fence").connect().await.unwrap());
+        let stdin = io::stdin();
+        for line in stdin.lock().lines() {
+            if line.unwrap() != "GO" {
+                break;
+            }
+            let lock = session.take().unwrap().acquire("fence-test").await.unwrap();
+            println!("FENCE {}", lock.fence().unwrap());
+            session = Some(lock.release().await.unwrap());
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Who holds it
+
+#[test]
+fn try_acquire_while_held_names_the_holder_pid_and_application_name() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let holder = options(&conn, "holder-app").acquire(9_002).await.unwrap();
+        let other = options(&conn, "other-app");
+
+        let err = other.try_acquire(9_002).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        let held = PgLockHeld::of(&err).expect("a PgLockHeld inside");
+        assert_eq!(held.holders().len(), 1, "{err}");
+        let h = &held.holders()[0];
+        assert_eq!(h.pid(), holder.backend_pid());
+        assert_eq!(h.application_name(), "holder-app");
+        assert_eq!(h.client_addr(), Some("127.0.0.1"));
+        assert!(!h.is_shared());
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("backend pid {}", holder.backend_pid())),
+            "{text}"
+        );
+        assert!(
+            text.contains("holder-app") && text.contains("9002"),
+            "{text}"
+        );
+
+        // The session comes back in the error, and waits with a deadline.
+        let session = PgLockHeld::into_session(err).expect("the session back");
+        let start = Instant::now();
+        let err = session
+            .acquire_timeout(9_002, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        let held = PgLockHeld::of(&err).unwrap();
+        assert!(held.waited() >= Duration::from_millis(300));
+        assert_eq!(held.holders()[0].pid(), holder.backend_pid());
+
+        holder.close().await.unwrap();
+        let session = PgLockHeld::into_session(err).unwrap();
+        let lock = session
+            .acquire_timeout(9_002, Duration::from_secs(5))
+            .await
+            .unwrap();
+        lock.close().await.unwrap();
+    });
+}
+
+#[test]
+fn shared_locks_admit_two_holders_and_exclude_an_exclusive_one() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let mut shared = options(&conn, "reader");
+        shared.shared(true);
+        let a = shared.try_acquire((7, 9_003)).await.unwrap();
+        let b = shared.try_acquire((7, 9_003)).await.unwrap();
+        assert!(a.fence().unwrap() < b.fence().unwrap());
+
+        let err = options(&conn, "writer")
+            .try_acquire((7, 9_003))
+            .await
+            .unwrap_err();
+        let held = PgLockHeld::of(&err).expect("held");
+        let mut pids: Vec<i32> = held.holders().iter().map(|h| h.pid()).collect();
+        pids.sort();
+        let mut expected = vec![a.backend_pid(), b.backend_pid()];
+        expected.sort();
+        assert_eq!(pids, expected);
+        assert!(held.holders().iter().all(|h| h.is_shared()));
+        // The pair key space is not the 64-bit one.
+        options(&conn, "writer")
+            .try_acquire(((7_i64) << 32) | 9_003)
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+
+        a.close().await.unwrap();
+        assert!(
+            options(&conn, "writer")
+                .try_acquire((7, 9_003))
+                .await
+                .is_err()
+        );
+        b.close().await.unwrap();
+        let w = options(&conn, "writer")
+            .try_acquire((7, 9_003))
+            .await
+            .unwrap();
+        assert!(shared.try_acquire((7, 9_003)).await.is_err());
+        w.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_name_key_is_hashed_by_the_server() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let lock = options(&conn, "named")
+            .acquire("custodian-name-test")
+            .await
+            .unwrap();
+        let client = raw(&conn).await;
+        let k: i64 = client
+            .query_one("SELECT hashtextextended('custodian-name-test', 0)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(held_by(&client, k).await, [lock.backend_pid()]);
+        // Another client in any language takes the same lock with the same expression.
+        let got: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended('custodian-name-test', 0))",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(!got);
+        lock.close().await.unwrap();
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Loss detection
+
+#[test]
+fn terminated_backend_fires_lost_within_the_bound_and_another_process_acquires() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    let check = custodian::ledger::LeakCheck::new();
+    let ((), events) = common::capture(|| {
+        common::current_thread().block_on(async {
+            let lock = options(&conn, "victim").acquire(9_004).await.unwrap();
+            assert!(!lock.is_lost());
+            let token = lock.lost_token();
+            let client = raw(&conn).await;
+            let start = Instant::now();
+            let killed: bool = client
+                .query_one("SELECT pg_terminate_backend($1)", &[&lock.backend_pid()])
+                .await
+                .unwrap()
+                .get(0);
+            assert!(killed);
+            tokio::time::timeout(Duration::from_secs(5), lock.lost())
+                .await
+                .expect("lost() fired");
+            let took = start.elapsed();
+            // The documented bound: the check interval (1 s by default) + one round trip.
+            assert!(took < Duration::from_millis(1_500), "lost() after {took:?}");
+            assert!(token.is_cancelled());
+            assert!(
+                matches!(lock.lost_cause(), Some(LostCause::Terminated(msg)) if msg.contains("terminating connection")),
+                "{:?}",
+                lock.lost_cause()
+            );
+
+            // Another process takes it.
+            let mut other = Role::spawn("child_role_acquire_once", &[]);
+            assert!(other.line("ACQUIRED ").parse::<i32>().unwrap() > 0);
+            other.finish();
+
+            let err = lock.close().await.unwrap_err();
+            assert!(err.to_string().contains("9004"), "{err}");
+        })
+    });
+    let lost: Vec<_> = events.iter().filter(|e| e.message == "lock lost").collect();
+    assert_eq!(lost.len(), 1, "{events:?}");
+    assert_eq!(lost[0].field("kind"), Some("custodian::pg::PgLock"));
+    assert!(lost[0].field("resource").unwrap().contains("9004"));
+    assert!(
+        lost[0]
+            .field("error")
+            .unwrap()
+            .contains("ended the session")
+    );
+    check
+        .finish()
+        .expect("the lost lock is released in the ledger by its close");
+}
+
+#[test]
+#[ignore = "child role of the loss tests"]
+fn child_role_acquire_once() {
+    let Some(conn) = env_conn() else { return };
+    common::current_thread().block_on(async {
+        let lock = options(&conn, "successor")
+            .acquire_timeout(9_004, Duration::from_secs(5))
+            .await
+            .unwrap();
+        println!("ACQUIRED {}", lock.backend_pid());
+        lock.close().await.unwrap();
+    });
+}
+
+#[test]
+fn server_restart_while_held_fires_lost() {
+    let Some(conn) = server() else { return };
+    let (Ok(data), Ok(bin), Ok(user)) = (
+        std::env::var("CUSTODIAN_TEST_PG_DATA"),
+        std::env::var("CUSTODIAN_TEST_PG_BIN"),
+        std::env::var("CUSTODIAN_TEST_PG_USER"),
+    ) else {
+        panic!(
+            "CUSTODIAN_TEST_PG is set but not CUSTODIAN_TEST_PG_DATA/BIN/USER: use scripts/with-postgres"
+        );
+    };
+    let log = std::env::var("CUSTODIAN_TEST_PG_LOG").unwrap_or_else(|_| "/dev/null".into());
+    let _server = SERVER.write().unwrap_or_else(|e| e.into_inner());
+    common::current_thread().block_on(async {
+        let lock = options(&conn, "restart").acquire(9_005).await.unwrap();
+        let pg_ctl = format!("{bin}/pg_ctl");
+        let args = ["-D", &data, "-l", &log, "-m", "fast", "-w", "restart"];
+        let mut cmd = if rustix::process::getuid().is_root() {
+            let mut c = tokio::process::Command::new("runuser");
+            c.args(["-u", &user, "--", &pg_ctl]);
+            c
+        } else {
+            tokio::process::Command::new(&pg_ctl)
+        };
+        let status = cmd.args(args).stdout(Stdio::null()).status().await.unwrap();
+        assert!(status.success(), "pg_ctl restart: {status}");
+        tokio::time::timeout(Duration::from_secs(5), lock.lost())
+            .await
+            .expect("lost() fired");
+        assert!(
+            matches!(
+                lock.lost_cause(),
+                Some(LostCause::Terminated(_) | LostCause::ConnectionClosed(_))
+            ),
+            "{:?}",
+            lock.lost_cause()
+        );
+        assert!(lock.close().await.is_err());
+        // The server is back: the lock can be taken again.
+        options(&conn, "restart")
+            .acquire_timeout(9_005, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn unlocked_behind_the_guards_back_fires_lost_and_close_reports_it() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let mut opts = options(&conn, "unlocked");
+        opts.check_interval(Duration::from_millis(100));
+        let lock = opts.acquire(9_006).await.unwrap();
+        lock.client()
+            .execute("SELECT pg_advisory_unlock_all()", &[])
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(2), lock.lost())
+            .await
+            .expect("lost() fired");
+        assert_eq!(lock.lost_cause(), Some(&LostCause::NotHeld));
+        let err = lock.close().await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("did not hold it") && text.contains("9006"),
+            "{text}"
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Release on every path
+
+#[test]
+fn a_holder_cancelled_by_timeout_frees_the_lock_within_a_second() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::multi_thread().block_on(async {
+        let opts = options(&conn, "cancelled");
+        let holding = async {
+            let _lock = opts.acquire(9_007).await.unwrap();
+            std::future::pending::<()>().await;
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), holding)
+                .await
+                .is_err()
+        );
+        let start = Instant::now();
+        let other = opts
+            .acquire_timeout(9_007, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(start.elapsed() < Duration::from_secs(1));
+        other.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_cancelled_wait_never_takes_the_lock_later() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let client = raw(&conn).await;
+        let holder = options(&conn, "first").acquire(9_008).await.unwrap();
+        let waiter = options(&conn, "waiter");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), waiter.acquire(9_008))
+                .await
+                .is_err()
+        );
+        holder.close().await.unwrap();
+        // Had the waiter's backend kept waiting, it would now hold the lock.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(held_by(&client, 9_008).await, Vec::<i32>::new());
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'waiter'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(waiting, 0, "the waiter's session is gone");
+    });
+}
+
+#[test]
+fn a_dropped_lock_is_unlocked_by_the_reaper_within_a_round_trip() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let client = raw(&conn).await;
+        let lock = options(&conn, "dropped").acquire(9_009).await.unwrap();
+        assert_eq!(held_by(&client, 9_009).await, [lock.backend_pid()]);
+        drop(lock); // never blocks
+        let took = wait_free(&client, 9_009, Duration::from_secs(1)).await;
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    });
+}
+
+#[test]
+fn a_lock_dropped_with_no_runtime_left_is_free_once_its_connection_closes() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    let rt = common::current_thread();
+    let lock = rt
+        .block_on(options(&conn, "orphan").acquire(9_010))
+        .unwrap();
+    let pid = lock.backend_pid();
+    drop(rt); // the connection's task goes with its runtime
+    let ((), events) = common::capture(|| drop(lock));
+    common::assert_one_failure(
+        &events,
+        "custodian::pg::PgLock",
+        &format!(
+            "exclusive advisory lock 9010 on {}",
+            options(&conn, "x").endpoint()
+        ),
+        Some("lost"),
+    );
+    common::current_thread().block_on(async {
+        let client = raw(&conn).await;
+        let took = wait_free(&client, 9_010, Duration::from_secs(1)).await;
+        assert!(took < Duration::from_secs(1));
+        let alive: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(alive, 0);
+    });
+}
+
+#[test]
+fn ledger_counts_a_held_lock_with_its_site() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let check = custodian::ledger::LeakCheck::new();
+        let lock: PgLock = options(&conn, "ledger").acquire(9_011).await.unwrap();
+        let line = line!() - 1;
+        let leaked = check.leaked();
+        let mine = leaked
+            .iter()
+            .find(|r| r.kind() == "custodian::pg::PgLock")
+            .expect("counted live");
+        assert_eq!(mine.site().file(), file!());
+        assert_eq!(mine.site().line(), line);
+        lock.close().await.unwrap();
+        check.finish().expect("released");
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input
+
+#[test]
+fn bad_connection_strings_and_unreachable_servers_give_clear_errors_not_hangs() {
+    // Needs no server: runs everywhere.
+    let err = PgLockOptions::parse("host=127.0.0.1 port=notaport").unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    assert!(
+        err.to_string()
+            .contains("invalid PostgreSQL connection string"),
+        "{err}"
+    );
+
+    common::current_thread().block_on(async {
+        // Nobody listens: refused, naming host and port.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let opts = PgLockOptions::parse(&format!("host=127.0.0.1 port={port} user=x")).unwrap();
+        let err = opts.acquire(1).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        assert!(
+            err.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{err}"
+        );
+
+        // Something accepts and never answers: the connect timeout, not a hang.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let mut opts = PgLockOptions::parse(&format!("host=127.0.0.1 port={port} user=x")).unwrap();
+        opts.connect_timeout(Duration::from_millis(300));
+        let start = Instant::now();
+        let err = opts.try_acquire(1).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(
+            err.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{err}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        drop(silent);
+    });
+}
