@@ -105,6 +105,7 @@ fn scope_errors_print_each_message_once() {
     assert_no_repeats("io::Error from ScopeError", &err);
 }
 
+#[cfg(target_os = "linux")] // /dev/full
 #[test]
 fn fs_errors_print_each_message_once() {
     let dir = tempfile::tempdir().unwrap();

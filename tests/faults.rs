@@ -6,6 +6,7 @@
 //! child process (this binary, re-invoked for one `#[ignore]`d role). A case that cannot
 //! run here (no `unshare`, no tmpfs mount) prints `SKIPPED: reason`; with
 //! `CUSTODIAN_REQUIRE_FAULTS` set, as `.ci/run` does, a skip fails the test instead.
+#![cfg(target_os = "linux")] // /dev/full, /proc, unshare(1), EMFILE numbers
 
 mod common;
 

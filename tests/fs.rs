@@ -1,6 +1,6 @@
 //! custodian::fs on real files, directories, processes and full disks: the happy paths,
 //! the bad input (each error names the path and keeps its kind), and Drop's reports.
-#![cfg(unix)]
+#![cfg(target_os = "linux")] // /dev/full, /dev/shm and unshare(1) for a full disk
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! `custodian::process` on real child processes and real signals.
+#![cfg(target_os = "linux")] // /proc/<pid>/stat
 #![cfg(unix)]
 
 mod common;

@@ -150,12 +150,14 @@ impl Poison {
 /// use custodian::fs::CheckedFile;
 /// use std::io::Write;
 ///
+/// # #[cfg(target_os = "linux")] { // /dev/full: always full
 /// let mut file = CheckedFile::create("/dev/full")?;
 /// file.write_all(b"buffered")?;
 /// let err = CheckedFile::into_inner(file).unwrap_err();
 /// assert_eq!(err.error().kind(), std::io::ErrorKind::StorageFull);
 /// let file = err.into_inner(); // the buffered bytes are still in there
 /// # drop(file);
+/// # }
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct IntoInnerError<G> {
