@@ -75,14 +75,15 @@ fn unix_server(dir: &Path) -> Result<()> {
 /// `pid`, `ppid`, process group and state of `pid` from `/proc`, or `gone`.
 fn describe(pid: u32) -> String {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return format!("{pid}: gone");
+        return format!("pid {pid}: gone");
     };
-    let name = &stat[stat.find('(').unwrap_or(0)..=stat.rfind(')').unwrap_or(0)];
+    // The command name sits between the first '(' and the last ')'.
+    let name = &stat[stat.find('(').map_or(0, |i| i + 1)..stat.rfind(')').unwrap_or(0)];
     let fields: Vec<&str> = stat[stat.rfind(')').unwrap_or(0) + 2..]
         .split_whitespace()
         .collect();
     format!(
-        "{pid} {name}: state {} ppid {} pgid {}",
+        "pid {pid} (command `{name}`): state {} ppid {} pgid {}",
         fields.first().unwrap_or(&"?"),
         fields.get(1).unwrap_or(&"?"),
         fields.get(2).unwrap_or(&"?")
