@@ -298,3 +298,112 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
     }
     message
 }
+
+/// A fallible release or hand-over that failed and consumed a guard: the error, and the
+/// guard given back, so that nothing is lost to the error (tempfile's `PersistError`,
+/// std's `IntoInnerError`). Drop it to let the guard's own `Drop` do its best effort;
+/// keep it with [`into_guard`](GuardError::into_guard) to retry or decide.
+///
+/// Returned by [`fs::CheckedFile::into_inner`](crate::fs::CheckedFile::into_inner) (a
+/// flush failed: the data is still buffered) and by the child guards' `close` (the child
+/// could not be stopped or reaped). [`fs::CommitError`](crate::fs::CommitError) follows
+/// the same names (`error`, `guard`, `into_guard`, `into_parts`).
+///
+/// It displays as its error; `source` is that error's own source, so a report walking
+/// the chain prints each message once.
+///
+/// ```
+/// use custodian::fs::CheckedFile;
+/// use std::io::Write;
+///
+/// # #[cfg(target_os = "linux")] { // /dev/full: always full
+/// let mut file = CheckedFile::create("/dev/full")?;
+/// file.write_all(b"buffered")?;
+/// let err = CheckedFile::into_inner(file).unwrap_err();
+/// assert_eq!(err.error().kind(), std::io::ErrorKind::StorageFull);
+/// let file: CheckedFile = err.into_guard(); // the buffered bytes are still in there
+/// # drop(file);
+/// # }
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct GuardError<G> {
+    error: std::io::Error,
+    guard: G,
+}
+
+impl<G> GuardError<G> {
+    pub(crate) fn new(error: std::io::Error, guard: G) -> Self {
+        GuardError { error, guard }
+    }
+
+    /// What went wrong.
+    ///
+    /// ```
+    /// # fn f(e: custodian::GuardError<custodian::fs::CheckedFile>) {
+    /// let kind = e.error().kind();
+    /// # }
+    /// ```
+    pub fn error(&self) -> &std::io::Error {
+        &self.error
+    }
+
+    /// The guard given back.
+    ///
+    /// ```
+    /// # fn f(e: custodian::GuardError<custodian::fs::CheckedFile>) {
+    /// println!("{}", e.guard().path().display());
+    /// # }
+    /// ```
+    pub fn guard(&self) -> &G {
+        &self.guard
+    }
+
+    /// Takes the guard back, to retry or to decide what to do with it.
+    ///
+    /// ```
+    /// # fn f(e: custodian::GuardError<custodian::fs::CheckedFile>) {
+    /// let file = e.into_guard();
+    /// # }
+    /// ```
+    pub fn into_guard(self) -> G {
+        self.guard
+    }
+
+    /// The error and the guard.
+    ///
+    /// ```
+    /// # fn f(e: custodian::GuardError<custodian::fs::CheckedFile>) {
+    /// let (error, file) = e.into_parts();
+    /// # }
+    /// ```
+    pub fn into_parts(self) -> (std::io::Error, G) {
+        (self.error, self.guard)
+    }
+}
+
+impl<G> fmt::Debug for GuardError<G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<G> fmt::Display for GuardError<G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl<G> Error for GuardError<G> {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.error.source()
+    }
+}
+
+/// The error alone; the guard is dropped, which runs its own best-effort cleanup.
+impl<G> From<GuardError<G>> for std::io::Error {
+    fn from(e: GuardError<G>) -> std::io::Error {
+        e.error
+    }
+}

@@ -109,7 +109,7 @@ pub mod sync;
 mod tally;
 
 pub use close::Close;
-pub use error::{BoxError, CleanupError, CleanupErrors};
+pub use error::{BoxError, CleanupError, CleanupErrors, GuardError};
 pub use rollback::Rollback;
 pub use scope::{Scope, ScopeError, scope};
 pub use stack::{CleanupStack, Outcome};

@@ -128,12 +128,12 @@ fn fs_errors_print_each_message_once() {
     let err = file.commit().unwrap_err();
     assert_no_repeats("CommitError", &err);
 
-    // IntoInnerError: a flush that fails.
+    // GuardError from CheckedFile::into_inner: a flush that fails.
     let mut full = CheckedFile::create("/dev/full").unwrap();
     full.write_all(b"x").unwrap();
     let err = CheckedFile::into_inner(full).unwrap_err();
-    assert_no_repeats("IntoInnerError", &err);
-    let err = err.into_inner().close().unwrap_err();
+    assert_no_repeats("GuardError<CheckedFile>", &err);
+    let err = err.into_guard().close().unwrap_err();
     assert_no_repeats("CheckedFile::close", &err);
 }
 
@@ -145,5 +145,5 @@ fn process_close_error_prints_each_message_once() {
     let child = custodian::process::ChildGuard::spawn(std::process::Command::new("true")).unwrap();
     waitpid(Pid::from_raw(child.id() as i32), WaitOptions::empty()).unwrap();
     let err = child.close().unwrap_err();
-    assert_no_repeats("process::CloseError", &err);
+    assert_no_repeats("GuardError<ChildGuard>", &err);
 }

@@ -272,7 +272,7 @@ fn atomic_file_failed_seek_poisons_the_commit() {
     );
 
     // Committing the file given back fails the same way; dropping it removes the temp file.
-    let file = err.into_file().expect("the file comes back");
+    let file = err.into_guard().expect("the file comes back");
     let err = file.commit().unwrap_err();
     assert!(err.to_string().contains("an earlier write"), "{err}");
     drop(err);
@@ -440,7 +440,7 @@ fn child_full_disk() {
     let err = file.commit().unwrap_err();
     assert_eq!(err.error().kind(), io::ErrorKind::StorageFull);
     assert_eq!(fs::read(&target).unwrap(), old);
-    let file = err.into_file().expect("the data is still buffered");
+    let file = err.into_guard().expect("the data is still buffered");
     for path in &more {
         fs::remove_file(path).unwrap();
     }
@@ -889,7 +889,7 @@ fn child_thread_local_drops() {
 }
 
 // ---------------------------------------------------------------------------------------
-// One failure, one report: a dropped process::CloseError
+// One failure, one report: a dropped GuardError of a child guard
 
 #[test]
 fn a_dropped_close_error_does_not_report_the_failure_again() {

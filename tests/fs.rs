@@ -291,7 +291,7 @@ fn atomic_failed_rename_gives_the_file_back_intact() {
     assert_error(err.error(), io::ErrorKind::IsADirectory, &target);
     assert!(!err.is_replaced());
     let file = err
-        .into_file()
+        .into_guard()
         .expect("the rename failed: the content is intact");
     fs::remove_dir_all(&target).unwrap();
     file.commit().unwrap();
@@ -508,7 +508,7 @@ fn child_role_full_disk() {
     assert_error(err.error(), io::ErrorKind::StorageFull, &target);
     assert_eq!(fs::read_to_string(&target).unwrap(), "old content");
     let file = err
-        .into_file()
+        .into_guard()
         .expect("the flush failed: the data is still buffered");
 
     // A write too big for the buffer fails at once, naming nothing lost either.
@@ -887,7 +887,7 @@ fn checked_flush_keeps_the_data_for_a_retry() {
     assert_error(&err, io::ErrorKind::StorageFull, Path::new("/dev/full"));
     let err = CheckedFile::into_inner(file).unwrap_err();
     assert_eq!(err.error().kind(), io::ErrorKind::StorageFull);
-    let file = err.into_inner();
+    let file = err.into_guard();
     assert!(
         file.close().is_err(),
         "the data is still there, still unwritable"

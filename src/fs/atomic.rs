@@ -378,7 +378,7 @@ impl AtomicFile {
     /// # Errors
     /// A [`CommitError`] with the error, naming the target, and:
     /// - when the flush or the rename failed, the `AtomicFile` itself, content intact, to
-    ///   retry ([`CommitError::into_file`]) — e.g. after freeing disk space;
+    ///   retry ([`CommitError::into_guard`]) — e.g. after freeing disk space;
     /// - when the file's `fsync` failed, no file: after a failed `fsync` the kernel may have
     ///   dropped the unwritten pages, so the staged content can no longer be trusted; it is
     ///   removed and the target is untouched;
@@ -671,7 +671,7 @@ impl fmt::Debug for AtomicFile {
 ///
 /// let err = file.commit().unwrap_err();
 /// assert_eq!(err.error().kind(), std::io::ErrorKind::IsADirectory);
-/// let file = err.into_file().expect("content intact: the rename failed");
+/// let file = err.into_guard().expect("content intact: the rename failed");
 /// std::fs::remove_dir(&path)?;
 /// file.commit()?; // nothing was lost
 /// assert_eq!(std::fs::read(&path)?, b"precious");
@@ -706,13 +706,15 @@ impl CommitError {
         &self.error
     }
 
-    /// The `AtomicFile`, content intact, when the flush or the rename failed.
-    pub fn file(&self) -> Option<&AtomicFile> {
+    /// The `AtomicFile` given back: when the flush or the rename failed (content intact),
+    /// or when an earlier write poisoned it. The name every error that gives a guard back
+    /// uses ([`GuardError::guard`](crate::GuardError::guard)).
+    pub fn guard(&self) -> Option<&AtomicFile> {
         self.file.as_deref()
     }
 
-    /// Takes the `AtomicFile` back, when the flush or the rename failed.
-    pub fn into_file(self) -> Option<AtomicFile> {
+    /// Takes the `AtomicFile` back, if it came back (see [`guard`](Self::guard)).
+    pub fn into_guard(self) -> Option<AtomicFile> {
         self.file.map(|file| *file)
     }
 

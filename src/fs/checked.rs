@@ -6,8 +6,9 @@ use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::panic::Location;
 use std::path::{Path, PathBuf};
 
-use super::{IntoInnerError, Poison, imp};
+use super::{Poison, imp};
 use crate::Close;
+use crate::GuardError;
 use crate::io_error::path_error;
 use crate::ledger::{Kind, Ticket};
 
@@ -238,9 +239,9 @@ impl CheckedFile {
     ///
     /// # Errors
     /// When the flush fails: the error and the `CheckedFile`, data still buffered.
-    pub fn into_inner(mut this: Self) -> Result<File, IntoInnerError<CheckedFile>> {
+    pub fn into_inner(mut this: Self) -> Result<File, GuardError<CheckedFile>> {
         if let Err(e) = this.flush() {
-            return Err(IntoInnerError::new(e, this));
+            return Err(GuardError::new(e, this));
         }
         let Some(writer) = this.writer.take() else {
             unreachable!("a CheckedFile's file is only taken by consuming it")

@@ -54,8 +54,6 @@ pub use checked::CheckedFile;
 pub use lock::{LockFile, LockHeld, LockOptions};
 pub use temp::{TempDir, TempFile};
 
-use std::error::Error;
-use std::fmt;
 use std::io;
 
 /// The first failed write of a writing guard (`AtomicFile`, `CheckedFile`): once a
@@ -138,80 +136,5 @@ impl Poison {
 
     pub(crate) fn clear(&mut self) {
         self.0 = None;
-    }
-}
-
-/// A flush that failed on the way out of a guard: the error, and the guard with its
-/// unwritten data (like [`std::io::IntoInnerError`]).
-///
-/// Returned by [`CheckedFile::into_inner`].
-///
-/// ```
-/// use custodian::fs::CheckedFile;
-/// use std::io::Write;
-///
-/// # #[cfg(target_os = "linux")] { // /dev/full: always full
-/// let mut file = CheckedFile::create("/dev/full")?;
-/// file.write_all(b"buffered")?;
-/// let err = CheckedFile::into_inner(file).unwrap_err();
-/// assert_eq!(err.error().kind(), std::io::ErrorKind::StorageFull);
-/// let file = err.into_inner(); // the buffered bytes are still in there
-/// # drop(file);
-/// # }
-/// # Ok::<(), std::io::Error>(())
-/// ```
-pub struct IntoInnerError<G> {
-    error: io::Error,
-    guard: G,
-}
-
-impl<G> IntoInnerError<G> {
-    pub(crate) fn new(error: io::Error, guard: G) -> Self {
-        IntoInnerError { error, guard }
-    }
-
-    /// The error of the flush.
-    pub fn error(&self) -> &io::Error {
-        &self.error
-    }
-
-    /// The guard, with its unwritten data, to retry or to drop.
-    pub fn into_inner(self) -> G {
-        self.guard
-    }
-
-    /// The error and the guard.
-    pub fn into_parts(self) -> (io::Error, G) {
-        (self.error, self.guard)
-    }
-}
-
-impl<G> fmt::Debug for IntoInnerError<G> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IntoInnerError")
-            .field("error", &self.error)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<G> fmt::Display for IntoInnerError<G> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.error.fmt(f)
-    }
-}
-
-impl<G> Error for IntoInnerError<G> {
-    // Displayed as the flush's error, so the source is that error's source (as for
-    // `CommitError` and `process::CloseError`): a report walking the chain does not
-    // print the same message twice.
-    fn source(&self) -> Option<&(dyn Error + 'static)> {
-        self.error.source()
-    }
-}
-
-/// Drops the guard (running its cleanup) and keeps the error.
-impl<G> From<IntoInnerError<G>> for io::Error {
-    fn from(e: IntoInnerError<G>) -> io::Error {
-        e.error
     }
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use process_wrap::std::{ChildWrapper, CommandWrap, ProcessGroup};
 
-use super::{ChildOptions, CloseError, Signal, sys};
+use super::{ChildOptions, Signal, sys};
 use crate::Close;
+use crate::GuardError;
 use crate::io_error::with_context;
 use crate::ledger::{Kind, Ticket};
 
@@ -43,7 +44,7 @@ pub struct ChildGuard {
     pid: u32,
     options: ChildOptions,
     /// `close` already returned a failure to stop this child: the retry from `Drop` (a
-    /// dropped `CloseError`) reports nothing more. One failure, one report.
+    /// dropped `GuardError`) reports nothing more. One failure, one report.
     failure_returned: bool,
     ticket: Ticket,
 }
@@ -282,7 +283,7 @@ impl ChildGuard {
     /// grace period, `SIGKILL`, then the wait. Returns its exit status.
     ///
     /// # Errors
-    /// A [`CloseError`] with the guard given back if the child could not be stopped or
+    /// A [`GuardError`] with the guard given back if the child could not be stopped or
     /// reaped (a refused signal, a child reaped by other code).
     ///
     /// ```
@@ -302,7 +303,7 @@ impl ChildGuard {
     /// assert_eq!(status.signal(), Some(9)); // killed after the grace period
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn close(mut self) -> Result<ExitStatus, CloseError<ChildGuard>> {
+    pub fn close(mut self) -> Result<ExitStatus, GuardError<ChildGuard>> {
         match self.stop() {
             Ok(status) => {
                 drop(self.take());
@@ -310,7 +311,7 @@ impl ChildGuard {
             }
             Err(e) => {
                 self.failure_returned = true;
-                Err(CloseError::new(e, self))
+                Err(GuardError::new(e, self))
             }
         }
     }
@@ -401,9 +402,9 @@ impl Drop for ChildGuard {
 }
 
 impl Close for ChildGuard {
-    type Error = CloseError<ChildGuard>;
+    type Error = GuardError<ChildGuard>;
 
-    fn close(self) -> Result<(), CloseError<ChildGuard>> {
+    fn close(self) -> Result<(), GuardError<ChildGuard>> {
         ChildGuard::close(self).map(drop)
     }
 }

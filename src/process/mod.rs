@@ -33,9 +33,6 @@
 //! A process group does not contain a descendant that calls `setsid` (a daemon): that
 //! one escapes, as it does from every process-group based tool.
 
-use std::error::Error;
-use std::fmt;
-use std::io;
 use std::time::Duration;
 
 mod child;
@@ -206,98 +203,5 @@ impl ChildOptions {
     /// ```
     pub const fn get_process_group(&self) -> bool {
         self.group
-    }
-}
-
-/// A close that failed before the child could be reaped (the stop signal was refused,
-/// e.g. `EPERM` for a child that changed user, or the child was reaped by other code):
-/// the error, and the guard given back so that nothing is lost.
-///
-/// Dropping the guard retries the stop and reports a second failure as an event.
-///
-/// ```
-/// use custodian::process::{ChildGuard, CloseError};
-///
-/// fn stop(child: ChildGuard) -> std::io::Result<()> {
-///     match child.close() {
-///         Ok(status) => println!("exited: {status}"),
-///         Err(e) => {
-///             eprintln!("{e}");
-///             let _child: ChildGuard = e.into_guard(); // decide what to do with it
-///         }
-///     }
-///     Ok(())
-/// }
-/// stop(ChildGuard::spawn(std::process::Command::new("true"))?)?;
-/// # Ok::<(), std::io::Error>(())
-/// ```
-pub struct CloseError<G> {
-    error: io::Error,
-    guard: G,
-}
-
-impl<G> CloseError<G> {
-    pub(crate) fn new(error: io::Error, guard: G) -> Self {
-        CloseError { error, guard }
-    }
-
-    /// What went wrong.
-    ///
-    /// ```
-    /// # fn f(e: custodian::process::CloseError<custodian::process::ChildGuard>) {
-    /// let kind = e.error().kind();
-    /// # }
-    /// ```
-    pub fn error(&self) -> &io::Error {
-        &self.error
-    }
-
-    /// The guard, still owning the child.
-    ///
-    /// ```
-    /// # fn f(e: custodian::process::CloseError<custodian::process::ChildGuard>) {
-    /// let child = e.into_guard();
-    /// # }
-    /// ```
-    pub fn into_guard(self) -> G {
-        self.guard
-    }
-
-    /// The error and the guard.
-    ///
-    /// ```
-    /// # fn f(e: custodian::process::CloseError<custodian::process::ChildGuard>) {
-    /// let (error, child) = e.into_parts();
-    /// # }
-    /// ```
-    pub fn into_parts(self) -> (io::Error, G) {
-        (self.error, self.guard)
-    }
-}
-
-impl<G> fmt::Debug for CloseError<G> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CloseError")
-            .field("error", &self.error)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<G> fmt::Display for CloseError<G> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.error.fmt(f)
-    }
-}
-
-impl<G> Error for CloseError<G> {
-    fn source(&self) -> Option<&(dyn Error + 'static)> {
-        self.error.source()
-    }
-}
-
-/// The error alone; the guard is dropped, which retries the stop.
-impl<G> From<CloseError<G>> for io::Error {
-    fn from(e: CloseError<G>) -> io::Error {
-        e.error
     }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use process_wrap::tokio::{ChildWrapper, CommandWrap, ProcessGroup};
 use tokio::process::{ChildStderr, ChildStdin, ChildStdout, Command};
 
-use super::{ChildOptions, CloseError, Signal, sys};
+use super::{ChildOptions, Signal, sys};
+use crate::GuardError;
 use crate::io_error::with_context;
 use crate::ledger::Kind;
 use crate::rt::{AsyncClose, AsyncGuard};
@@ -55,7 +56,7 @@ struct ChildState {
     options: ChildOptions,
     status: Option<ExitStatus>,
     /// `close` already returned a failure to stop this child: the retry from `Drop` (a
-    /// dropped `CloseError`) reports nothing more. One failure, one report.
+    /// dropped `GuardError`) reports nothing more. One failure, one report.
     failure_returned: bool,
 }
 
@@ -312,7 +313,7 @@ impl AsyncChildGuard {
     /// status. See [`ChildGuard::close`](super::ChildGuard::close).
     ///
     /// # Errors
-    /// A [`CloseError`] with the guard given back if the child could not be stopped or
+    /// A [`GuardError`] with the guard given back if the child could not be stopped or
     /// reaped.
     ///
     /// # Cancel safety
@@ -338,7 +339,7 @@ impl AsyncChildGuard {
     /// # })?;
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub async fn close(mut self) -> Result<ExitStatus, CloseError<AsyncChildGuard>> {
+    pub async fn close(mut self) -> Result<ExitStatus, GuardError<AsyncChildGuard>> {
         // The stop runs on the state still inside the `AsyncGuard`: if this future is
         // cancelled, the guard drops and the reaper finishes the stop.
         match self.inner.stop().await {
@@ -348,7 +349,7 @@ impl AsyncChildGuard {
             }
             Err(e) => {
                 self.inner.failure_returned = true;
-                Err(CloseError::new(e, self))
+                Err(GuardError::new(e, self))
             }
         }
     }
@@ -457,9 +458,9 @@ impl fmt::Debug for ChildState {
 }
 
 impl AsyncClose for AsyncChildGuard {
-    type Error = CloseError<AsyncChildGuard>;
+    type Error = GuardError<AsyncChildGuard>;
 
-    async fn close(self) -> Result<(), CloseError<AsyncChildGuard>> {
+    async fn close(self) -> Result<(), GuardError<AsyncChildGuard>> {
         AsyncChildGuard::close(self).await.map(drop)
     }
 }
