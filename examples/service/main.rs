@@ -36,8 +36,7 @@ use crate::server::Config;
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -47,7 +46,9 @@ async fn main() -> ExitCode {
     let config = match parse_args(std::env::args().skip(1)) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("service: {e}\nusage: service --state DIR [--listen ADDR] [--drain-deadline 5s]");
+            eprintln!(
+                "service: {e}\nusage: service --state DIR [--listen ADDR] [--drain-deadline 5s]"
+            );
             return ExitCode::from(2);
         }
     };
@@ -63,7 +64,10 @@ async fn main() -> ExitCode {
         Ok(running) => running,
         Err(e) => {
             match LockHeld::of(&e) {
-                Some(_) => eprintln!("service: another instance serves {}: {e}", config.state.display()),
+                Some(_) => eprintln!(
+                    "service: another instance serves {}: {e}",
+                    config.state.display()
+                ),
                 None => eprintln!("service: cannot start: {e}"),
             }
             return ExitCode::FAILURE;
@@ -120,7 +124,9 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Config, String> 
     }
     Ok(Config {
         state: state.ok_or("--state DIR is required")?.into(),
-        listen: listen.parse().map_err(|e| format!("--listen {listen:?}: {e}"))?,
+        listen: listen
+            .parse()
+            .map_err(|e| format!("--listen {listen:?}: {e}"))?,
         drain_deadline: parse_duration(&deadline)?,
     })
 }

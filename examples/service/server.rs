@@ -14,7 +14,9 @@ use custodian::ledger::Kind;
 use custodian::net::{AsyncUnixListenerGuard, GracefulClose};
 use custodian::process::{AsyncChildGuard, ChildOptions};
 use custodian::rt::{AsyncGuard, DrainReport, Reaper};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -67,7 +69,8 @@ struct Shared {
     connections: TaskTracker,
     /// Runs the goodbyes of connections dropped at shutdown; drained with a deadline.
     reaper: Reaper,
-    /// Cancelled first: stop accepting, and end each connection after its current request.
+    /// Cancelled once the listener is closed: each connection ends after its current
+    /// request.
     stop: CancellationToken,
     /// Cancelled when requests are still running halfway through the deadline (a client
     /// that never reads its replies): they are dropped, their goodbye goes to the reaper.
@@ -112,7 +115,8 @@ pub async fn start(config: &Config) -> io::Result<Running> {
     let mut cmd = tokio::process::Command::new("sh");
     cmd.args(["-c", "while sleep 1; do echo tick || exit; done"])
         .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null()); // nothing of ours kept open by an orphan after a SIGKILL
     let mut watchdog = ChildOptions::new()
         .process_group(true)
         .grace(Duration::from_secs(1))
@@ -130,7 +134,11 @@ pub async fn start(config: &Config) -> io::Result<Running> {
     });
     let ticks = tokio::spawn(count_ticks(beats, Arc::clone(&shared)));
     let admin_stop = CancellationToken::new();
-    let admin = tokio::spawn(serve_admin(admin_socket, Arc::clone(&shared), admin_stop.clone()));
+    let admin = tokio::spawn(serve_admin(
+        admin_socket,
+        Arc::clone(&shared),
+        admin_stop.clone(),
+    ));
     let accept = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
     Ok(Running {
         lock,
@@ -164,24 +172,41 @@ impl Running {
     pub async fn shutdown(self) -> io::Result<Stopped> {
         let start = Instant::now();
         let deadline = self.shared.drain_deadline;
-        let Running { lock, store, shared, accept, admin, admin_stop, watchdog, ticks, .. } = self;
+        let Running {
+            lock,
+            store,
+            shared,
+            accept,
+            admin,
+            admin_stop,
+            watchdog,
+            ticks,
+            ..
+        } = self;
 
         // 1. Stop accepting: the accept loop ends and drops the listener.
-        shared.stop.cancel();
+        accept.abort();
         let _ = accept.await;
         let open_at_stop = shared.connections.len();
 
         // 2. Each connection finishes its current request, then drops its guard: the
         //    goodbye (BYE, graceful close) goes to the reaper. Requests still stuck
         //    halfway through the deadline are dropped the same way.
+        shared.stop.cancel();
         shared.connections.close();
-        if tokio::time::timeout(deadline / 2, shared.connections.wait()).await.is_err() {
+        if tokio::time::timeout(deadline / 2, shared.connections.wait())
+            .await
+            .is_err()
+        {
             shared.abort.cancel();
             shared.connections.wait().await;
         }
 
         // 3. Drain the goodbyes with what is left of the deadline.
-        let report = shared.reaper.shutdown(deadline.saturating_sub(start.elapsed())).await;
+        let report = shared
+            .reaper
+            .shutdown(deadline.saturating_sub(start.elapsed()))
+            .await;
 
         // 4. The final state: last batch committed, snapshot written, log emptied.
         let keys = store.close();
@@ -209,15 +234,14 @@ impl Running {
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    // Runs until the shutdown aborts it (at an `.await`: never between an accept and
+    // the spawn of its connection), which drops the listener.
     loop {
-        let accepted = tokio::select! {
-            biased;
-            () = shared.stop.cancelled() => return, // drops the listener
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
+        match listener.accept().await {
             Ok((stream, peer)) => {
-                shared.connections.spawn(connection(stream, peer, Arc::clone(&shared)));
+                shared
+                    .connections
+                    .spawn(connection(stream, peer, Arc::clone(&shared)));
             }
             Err(e) => {
                 // Out of file descriptors, or a connection reset before accept: go on.
@@ -284,7 +308,11 @@ pub enum End {
 /// The line protocol: `SET key value` → `OK` once durable, `GET key` → `VALUE v` or
 /// `NIL`, `QUIT`. Returns between requests when `stop` is cancelled; a request already
 /// read is always answered first.
-pub async fn serve<S>(conn: &mut BufReader<S>, store: &StoreHandle, stop: &CancellationToken) -> io::Result<End>
+pub async fn serve<S>(
+    conn: &mut BufReader<S>,
+    store: &StoreHandle,
+    stop: &CancellationToken,
+) -> io::Result<End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -334,7 +362,11 @@ where
 
 /// The admin socket: `STATUS` → counters and the ledger report; then the connection
 /// is closed. Stops (and removes the socket file) when `stop` is cancelled.
-async fn serve_admin(socket: AsyncUnixListenerGuard, shared: Arc<Shared>, stop: CancellationToken) -> io::Result<()> {
+async fn serve_admin(
+    socket: AsyncUnixListenerGuard,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> io::Result<()> {
     loop {
         let (stream, _) = tokio::select! {
             () = stop.cancelled() => break,
@@ -362,7 +394,10 @@ async fn serve_admin(socket: AsyncUnixListenerGuard, shared: Arc<Shared>, stop: 
 
 fn status(shared: &Shared) -> String {
     let stats = shared.store.stats();
-    let (acked, fsyncs) = (stats.acked.load(Ordering::Relaxed), stats.fsyncs.load(Ordering::Relaxed));
+    let (acked, fsyncs) = (
+        stats.acked.load(Ordering::Relaxed),
+        stats.fsyncs.load(Ordering::Relaxed),
+    );
     format!(
         "connections: {}\nsets acknowledged: {acked} in {fsyncs} fsyncs\nwatchdog ticks: {}\n{}",
         custodian::ledger::snapshot().get(CONNECTION.name()).live(),

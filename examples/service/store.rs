@@ -51,12 +51,14 @@ pub struct Recovered {
 }
 
 type Map = Arc<RwLock<HashMap<String, String>>>;
+/// Where the committer says whether a `SET` is durable.
+type Ack = oneshot::Sender<Result<(), String>>;
 
 enum Msg {
     Set {
         key: String,
         value: String,
-        ack: oneshot::Sender<Result<(), String>>,
+        ack: Ack,
     },
     Stop,
 }
@@ -90,10 +92,7 @@ impl Store {
                     // AtomicFile never publishes half a snapshot: this is damage.
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!(
-                            "{}: malformed after {records} records",
-                            snapshot.display()
-                        ),
+                        format!("{}: malformed after {records} records", snapshot.display()),
                     ));
                 }
             }
@@ -109,11 +108,9 @@ impl Store {
 
         // Compact: the snapshot takes everything, then the log (torn tail included) goes.
         write_snapshot(&snapshot, &map)?;
-        let mut log = CheckedFile::open_with(
-            &log_path,
-            OpenOptions::new().append(true).create(true),
-        )?
-        .sync_on_close(true);
+        let mut log =
+            CheckedFile::open_with(&log_path, OpenOptions::new().append(true).create(true))?
+                .sync_on_close(true);
         empty_log(&mut log)?;
 
         let recovered = Recovered {
@@ -183,9 +180,7 @@ impl StoreHandle {
         self.to_committer
             .send(msg)
             .map_err(|_| "the store is closed".to_owned())?;
-        acked
-            .await
-            .map_err(|_| "the store is closed".to_owned())?
+        acked.await.map_err(|_| "the store is closed".to_owned())?
     }
 
     /// The durable value of `key`.
@@ -227,9 +222,11 @@ fn commit_loop(
         if !batch.is_empty() {
             let written = match &poisoned {
                 Some(first) => Err(first.clone()),
-                None => append(&mut log, &batch).map_err(|e| e.to_string()),
+                None => {
+                    stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                    append(&mut log, &batch).map_err(|e| e.to_string())
+                }
             };
-            stats.fsyncs.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = &written {
                 // Like PostgreSQL since "fsyncgate": after a failed fsync the kernel may
                 // have dropped the dirty pages; nothing written later can be trusted.
@@ -257,7 +254,7 @@ fn commit_loop(
     }
 }
 
-fn append(log: &mut CheckedFile, batch: &[(String, String, oneshot::Sender<Result<(), String>>)]) -> io::Result<()> {
+fn append(log: &mut CheckedFile, batch: &[(String, String, Ack)]) -> io::Result<()> {
     for (key, value, _) in batch {
         writeln!(log, "{key} {value}")?;
     }
