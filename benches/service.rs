@@ -1,8 +1,9 @@
 //! The example service (examples/service/) with custodian's guards, against the same
 //! service with the guards replaced by plain tokio: same store (append log, one `fsync`
-//! per batch), same protocol loop, but a connection is a bare `TcpStream` dropped at the
-//! end (no `AsyncGuard`, no goodbye drained by a reaper, no ledger ticket, no graceful
-//! close).
+//! per batch), same protocol loop, task tracker and stop tokens, but a connection is a
+//! bare `TcpStream` dropped at the end (no `AsyncGuard`, no goodbye drained by a reaper,
+//! no ledger ticket, no graceful close). A third variant writes the graceful close by
+//! hand, to tell the guard's own cost from the cost of closing gracefully.
 //!
 //! - `set`: acknowledged `SET`s per second, 32 clients each sending one `SET` at a time
 //!   on an open connection (one element = one `SET` made durable and acknowledged).
@@ -19,6 +20,7 @@
 //! different moments.
 //!
 //! Run: `cargo bench --all-features --bench service -- --warm-up-time 1 --measurement-time 3`.
+//! Site tracking is on, as in the service; `SERVICE_BENCH_NO_SITES=1` turns it off.
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/service/server.rs"]
@@ -36,6 +38,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use server::{Config, End, Running};
 use store::Store;
@@ -61,25 +64,35 @@ async fn guarded(dir: &std::path::Path) -> Running {
     server::start(&config).await.unwrap()
 }
 
-/// The same protocol and store, connections in plain tokio. With `graceful`, the
-/// goodbye's graceful close is written by hand (shutdown, read until the client
-/// closes): what the guard does, minus the guard, the reaper and the ledger.
+/// The same service with the connections in plain tokio: same store, protocol loop,
+/// task tracker and stop/abort tokens (the shutdown's own machinery, which a plain
+/// tokio service needs too), but a bare `TcpStream` dropped at the end. With
+/// `graceful`, the goodbye's graceful close is written by hand (shutdown, read until the
+/// client closes): what the guard does, minus the guard, the reaper and the ledger.
 async fn plain(dir: &std::path::Path, graceful: bool) -> (SocketAddr, Store) {
     let (store, _) = Store::open(dir).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = store.handle();
+    let (tracker, stop, abort) = (
+        TaskTracker::new(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let store = handle.clone();
-            tokio::spawn(async move {
+            let (store, stop, abort) = (handle.clone(), stop.clone(), abort.clone());
+            tracker.spawn(async move {
                 let _ = stream.set_nodelay(true);
                 let mut conn = BufReader::new(BufWriter::new(stream));
-                let never = CancellationToken::new();
-                if let Ok(End::Quit) = server::serve(&mut conn, &store, &never).await {
+                let end = tokio::select! {
+                    end = server::serve(&mut conn, &store, &stop) => end,
+                    () = abort.cancelled() => return,
+                };
+                if let Ok(End::Quit) = end {
                     let mut out = conn.into_inner();
                     let _ = out.write_all(b"BYE\n").await;
                     let _ = out.flush().await;
@@ -117,7 +130,8 @@ async fn sets(clients: &mut Vec<Client>, total: u64, round: &mut u64) -> Duratio
         tasks.push(tokio::spawn(async move {
             let mut reply = String::new();
             for k in 0..count {
-                let line = format!("SET r{tag}-c{i}-{k} some-value-of-forty-bytes-xxxxxxxxxxxxxxxx\n");
+                let line =
+                    format!("SET r{tag}-c{i}-{k} some-value-of-forty-bytes-xxxxxxxxxxxxxxxx\n");
                 write.write_all(line.as_bytes()).await.unwrap();
                 reply.clear();
                 read.read_line(&mut reply).await.unwrap();
@@ -274,7 +288,10 @@ async fn shutdown_200(dir: &std::path::Path) -> Duration {
     let mut clients = Vec::new();
     for i in 0..200 {
         let (mut read, mut write) = connect(addr).await;
-        write.write_all(format!("SET open-{i} x\n").as_bytes()).await.unwrap();
+        write
+            .write_all(format!("SET open-{i} x\n").as_bytes())
+            .await
+            .unwrap();
         let mut reply = String::new();
         read.read_line(&mut reply).await.unwrap();
         assert_eq!(reply, "OK\n");
@@ -369,7 +386,11 @@ impl Ratios {
 /// times, for `strace -c -f` (syscalls per operation: subtract the run with n = 0).
 fn only(rt: &Runtime, p: &Pair, what: &str) {
     let mut parts = what.split('-');
-    let (variant, workload, n) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+    let (variant, workload, n) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
     let n: u64 = n.parse().unwrap();
     let addr = match variant {
         "guarded" => p.guarded.local_addr(),
@@ -387,7 +408,7 @@ fn only(rt: &Runtime, p: &Pair, what: &str) {
 }
 
 fn main() {
-    custodian::ledger::track_sites(true); // as the service's main does
+    custodian::ledger::track_sites(std::env::var_os("SERVICE_BENCH_NO_SITES").is_none()); // as the service's main does
     let mut c = Criterion::default().configure_from_args();
     let rt = runtime();
     let p = pair(&rt);
