@@ -53,6 +53,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "(the live CleanupStack above is the one leaked on purpose in chapter 1: a leak is \
          found with the line that acquired it)"
     );
+    println!(
+        "Next: these guards together in a service, under load, SIGTERM and SIGKILL:\n  \
+         cargo run --all-features --example service -- --state /tmp/kv --listen 127.0.0.1:0\n  \
+         (examples/service/, driven by tests/service.rs)"
+    );
     Ok(())
 }
 
