@@ -36,9 +36,32 @@ impl Drop for HandWritten<'_> {
     }
 }
 
-/// Scenario name and one run of it. Each run is `#[inline(never)]` so the count is of
-/// the same code the criterion suite times.
-type Scenario = (&'static str, fn(&State));
+/// Scenario name and how it runs. Each run is `#[inline(never)]` so the count is of the
+/// same code the criterion suite times.
+type Scenario = (&'static str, Body);
+
+/// How a scenario runs `n` times.
+#[derive(Clone, Copy)]
+enum Body {
+    /// One call per run.
+    Each(fn(&State)),
+    /// One call for all `n` runs: the async scenarios run `n` operations inside a single
+    /// `block_on`, so that entering the runtime is not counted per operation.
+    Loop(fn(&State, u64)),
+}
+
+impl Body {
+    fn run(self, state: &State, n: u64) {
+        match self {
+            Body::Each(f) => {
+                for _ in 0..n {
+                    f(state);
+                }
+            }
+            Body::Loop(f) => f(state, n),
+        }
+    }
+}
 
 struct State {
     n: Cell<u64>,
@@ -49,29 +72,118 @@ struct State {
 }
 
 const SCENARIOS: &[Scenario] = &[
-    ("defer-hand-written", hand_written),
-    ("defer-scopeguard", scopeguard_defer),
-    ("defer-scope-1", scope_1),
-    ("defer-scope-8", scope_8),
-    ("stack8-vec", stack8_vec),
-    ("stack8-close", stack8_close),
-    ("stack8-drop", stack8_drop),
-    ("ticket-nothing", ticket_nothing),
-    ("ticket", ticket),
-    ("ticket-filtered-subscriber", ticket),
+    ("defer-hand-written", Body::Each(hand_written)),
+    ("defer-scopeguard", Body::Each(scopeguard_defer)),
+    ("defer-scope-1", Body::Each(scope_1)),
+    ("defer-scope-8", Body::Each(scope_8)),
+    ("stack8-vec", Body::Each(stack8_vec)),
+    ("stack8-close", Body::Each(stack8_close)),
+    ("stack8-drop", Body::Each(stack8_drop)),
+    ("ticket-nothing", Body::Each(ticket_nothing)),
+    ("ticket", Body::Each(ticket)),
+    ("ticket-filtered-subscriber", Body::Each(ticket)),
     #[cfg(feature = "tokio")]
-    ("close-ready-direct", rt::direct),
+    ("close-ready-direct", Body::Each(rt::direct)),
     #[cfg(feature = "tokio")]
-    ("close-ready-custodian", rt::custodian_close),
+    ("close-ready-custodian", Body::Each(rt::custodian_close)),
+    #[cfg(feature = "tokio")]
+    ("close-1rt-direct", Body::Loop(rt::direct_1rt)),
+    #[cfg(feature = "tokio")]
+    ("close-1rt-custodian", Body::Loop(rt::custodian_close_1rt)),
+    #[cfg(feature = "tokio")]
+    ("close-1rt-into-inner", Body::Loop(rt::custodian_into_inner_1rt)),
+    #[cfg(feature = "tokio")]
+    ("reaper-tracker-spawn", Body::Loop(rt::tracker_spawn)),
+    #[cfg(feature = "tokio")]
+    ("reaper-custodian-dropped", Body::Loop(rt::custodian_dropped)),
+    #[cfg(feature = "tokio")]
+    ("reaper-tracker-spawn-ticket", Body::Loop(rt::tracker_spawn_ticket)),
 ];
 
 /// `AsyncGuard::new(v, f).close().await` vs `f(v).await`, on a current-thread runtime,
-/// for a cleanup that is ready at once (benches/rt.rs, group `close`).
+/// for a cleanup that is ready at once (benches/rt.rs, group `close`): `close-ready-*`
+/// with a `block_on` per operation (the figures before issue 11), `close-1rt-*` with
+/// all operations in one `block_on`.
+///
+/// `reaper-*`: a dropped guard's cleanup handed to the (global) reaper and run to the
+/// end, vs `TaskTracker::spawn` of the same future; the driver yields every
+/// [`BATCH`] hand-offs so that the runtime runs them.
 #[cfg(feature = "tokio")]
 mod rt {
-    use super::State;
+    use super::{BENCH, State};
+    use custodian::ledger::Ticket;
     use custodian::rt::AsyncGuard;
     use std::hint::black_box;
+    use tokio_util::task::TaskTracker;
+
+    /// Hand-offs between two yields of the driver (the cleanups then run).
+    const BATCH: u64 = 64;
+
+    #[inline(never)]
+    pub(super) fn direct_1rt(s: &State, n: u64) {
+        s.rt.block_on(async {
+            for _ in 0..n {
+                ready(black_box(1)).await.unwrap();
+            }
+        });
+    }
+
+    #[inline(never)]
+    pub(super) fn custodian_close_1rt(s: &State, n: u64) {
+        s.rt.block_on(async {
+            for _ in 0..n {
+                AsyncGuard::close(AsyncGuard::new(black_box(1), ready))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+
+    /// The guard made and given up without its cleanup: `close-1rt-custodian` minus this
+    /// is what `close` itself adds, net of creating and ending the guard.
+    #[inline(never)]
+    pub(super) fn custodian_into_inner_1rt(s: &State, n: u64) {
+        s.rt.block_on(async {
+            for _ in 0..n {
+                black_box(AsyncGuard::into_inner(AsyncGuard::new(black_box(1), ready)));
+            }
+        });
+    }
+
+    async fn batched(n: u64, mut each: impl FnMut()) {
+        for i in 0..n {
+            each();
+            if i % BATCH == BATCH - 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+
+    #[inline(never)]
+    pub(super) fn tracker_spawn(s: &State, n: u64) {
+        let tracker = TaskTracker::new();
+        s.rt.block_on(batched(n, || drop(tracker.spawn(ready(black_box(1))))));
+    }
+
+    /// `TaskTracker::spawn` plus the ledger ticket every custodian guard carries.
+    #[inline(never)]
+    pub(super) fn tracker_spawn_ticket(s: &State, n: u64) {
+        let tracker = TaskTracker::new();
+        s.rt.block_on(batched(n, || {
+            let ticket = Ticket::new(&BENCH);
+            drop(tracker.spawn(async move {
+                let r = ready(black_box(1)).await;
+                drop(ticket);
+                r
+            }));
+        }));
+    }
+
+    #[inline(never)]
+    pub(super) fn custodian_dropped(s: &State, n: u64) {
+        s.rt.block_on(batched(n, || drop(AsyncGuard::new(black_box(1), ready))));
+    }
 
     async fn ready(n: u64) -> std::io::Result<()> {
         black_box(n);
@@ -172,8 +284,8 @@ fn ticket(_: &State) {
 }
 
 fn smoke(state: &State) {
-    for (_, run) in SCENARIOS {
-        run(state);
+    for (_, body) in SCENARIOS {
+        body.run(state, 1);
     }
 }
 
@@ -200,7 +312,7 @@ fn main() {
             }
         }
         Some(name) => {
-            let Some(&(_, run)) = SCENARIOS.iter().find(|(n, _)| *n == name) else {
+            let Some(&(_, body)) = SCENARIOS.iter().find(|(n, _)| *n == name) else {
                 eprintln!("unknown scenario {name}; `list` prints them");
                 std::process::exit(2);
             };
@@ -208,10 +320,8 @@ fn main() {
             let go = || {
                 // Warm up once so that one-time work (registering the kind and the
                 // thread's counters) is counted in the N = 0 run as well.
-                run(&state);
-                for _ in 0..iterations {
-                    run(&state);
-                }
+                body.run(&state, 1);
+                body.run(&state, iterations);
             };
             if name == "ticket-filtered-subscriber" {
                 let filtered = tracing_subscriber::fmt()
