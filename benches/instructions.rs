@@ -91,13 +91,22 @@ const SCENARIOS: &[Scenario] = &[
     #[cfg(feature = "tokio")]
     ("close-1rt-custodian", Body::Loop(rt::custodian_close_1rt)),
     #[cfg(feature = "tokio")]
-    ("close-1rt-into-inner", Body::Loop(rt::custodian_into_inner_1rt)),
+    (
+        "close-1rt-into-inner",
+        Body::Loop(rt::custodian_into_inner_1rt),
+    ),
     #[cfg(feature = "tokio")]
     ("reaper-tracker-spawn", Body::Loop(rt::tracker_spawn)),
     #[cfg(feature = "tokio")]
-    ("reaper-custodian-dropped", Body::Loop(rt::custodian_dropped)),
+    (
+        "reaper-custodian-dropped",
+        Body::Loop(rt::custodian_dropped),
+    ),
     #[cfg(feature = "tokio")]
-    ("reaper-tracker-spawn-ticket", Body::Loop(rt::tracker_spawn_ticket)),
+    (
+        "reaper-tracker-spawn-ticket",
+        Body::Loop(rt::tracker_spawn_ticket),
+    ),
 ];
 
 /// `AsyncGuard::new(v, f).close().await` vs `f(v).await`, on a current-thread runtime,

@@ -122,7 +122,9 @@ fn main() {
         .enable_all()
         .build()
         .expect("a current-thread runtime");
-    println!("| guards | contender | bytes per pending cleanup | hand-off ns/guard (min / median) | drain ns/guard (min / median) |");
+    println!(
+        "| guards | contender | bytes per pending cleanup | hand-off ns/guard (min / median) | drain ns/guard (min / median) |"
+    );
     println!("| --- | --- | --- | --- | --- |");
     for n in [100u64, 10_000, 100_000] {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());

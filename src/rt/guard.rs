@@ -6,15 +6,15 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::ops::{Deref, DerefMut};
-use std::panic::{AssertUnwindSafe, Location, catch_unwind, resume_unwind};
+use std::panic::Location;
 use std::pin::Pin;
-use std::sync::{Mutex, PoisonError};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
+use sync_wrapper::SyncWrapper;
 use tokio::runtime::Handle;
 
 use super::AsyncClose;
-use super::reaper::{FutureJob, InnerRef, Job, Owner, Reaper, ReaperRef};
+use super::reaper::{FutureJob, Job, Owner, Reaper, ReaperRef};
 use crate::error::{BoxError, CleanupError, CleanupErrors};
 use crate::ledger::{Kind, Ticket};
 
@@ -62,24 +62,52 @@ pub struct AsyncGuard<T: Send + 'static> {
 
 struct Parts<T: Send + 'static> {
     value: T,
-    /// Never locked: taken out by value with `Mutex::into_inner`, which costs nothing.
-    /// It is there so that the guard is `Sync` when `T` is (a `&AsyncGuard` can be held
-    /// across an `.await` in a spawned task) without asking the closures to be `Sync`:
-    /// nothing reaches them through a shared reference.
-    erased: Mutex<Erased<T>>,
-    owner: Owner,
+    ticket: Ticket,
+    /// The runtime current at creation (or given to the builder), where a dropped
+    /// guard's cleanup runs.
     handle: Option<Handle>,
-    reaper: ReaperRef,
+    /// In a `SyncWrapper`, which only ever gives its content by value or through `&mut`:
+    /// the guard is `Sync` when `T` is (a `&AsyncGuard` can be held across an `.await`
+    /// in a spawned task) without asking the closures to be `Sync`.
+    rest: SyncWrapper<Rest<T>>,
 }
 
-struct Erased<T> {
+struct Rest<T> {
+    /// The cleanup closure with its type erased; a closure that captures nothing (the
+    /// usual case: the value is its argument) is not allocated.
     cleanup: Box<dyn Cleanup<T>>,
+    /// What the builder set beyond the kind and the runtime; `None` (no allocation) for
+    /// `AsyncGuard::new`.
+    options: Option<Box<Options<T>>>,
+}
+
+/// The builder's rarer settings.
+struct Options<T> {
+    resource: Option<Cow<'static, str>>,
+    reaper: ReaperRef,
     fallback: Option<Fallback<T>>,
 }
 
-impl<T> Erased<T> {
-    fn take(erased: Mutex<Erased<T>>) -> Erased<T> {
-        erased.into_inner().unwrap_or_else(PoisonError::into_inner)
+/// Who owns a cleanup that goes to the reaper: its ticket and what the events call the
+/// resource.
+fn owner<T>(ticket: Ticket, resource: Option<Cow<'static, str>>) -> Owner {
+    Owner::new(ticket, resource.unwrap_or(Cow::Borrowed(type_name::<T>())))
+}
+
+/// Splits the builder's settings into what each path needs.
+fn unpack<T>(
+    options: Option<Box<Options<T>>>,
+) -> (Option<Cow<'static, str>>, ReaperRef, Option<Fallback<T>>) {
+    match options {
+        None => (None, ReaperRef::Global, None),
+        Some(o) => {
+            let Options {
+                resource,
+                reaper,
+                fallback,
+            } = *o;
+            (resource, reaper, fallback)
+        }
     }
 }
 
@@ -88,14 +116,13 @@ impl<T> Erased<T> {
 /// spawned as it is, not boxed.
 trait Cleanup<T>: Send {
     fn call(self: Box<Self>, value: T) -> BoxFuture<Result<(), BoxError>>;
-    fn defer(self: Box<Self>, value: T, ctx: DeferCtx<T>);
-}
-
-struct DeferCtx<T> {
-    fallback: Option<Fallback<T>>,
-    reaper: InnerRef,
-    handle: Option<Handle>,
-    owner: Owner,
+    fn defer(
+        self: Box<Self>,
+        value: T,
+        handle: Option<Handle>,
+        ticket: Ticket,
+        options: Option<Box<Options<T>>>,
+    );
 }
 
 impl<T, F, Fut, E> Cleanup<T> for F
@@ -110,13 +137,22 @@ where
         Box::pin(async move { fut.await.map_err(Into::into) })
     }
 
-    fn defer(self: Box<Self>, value: T, ctx: DeferCtx<T>) {
+    fn defer(
+        self: Box<Self>,
+        value: T,
+        handle: Option<Handle>,
+        ticket: Ticket,
+        options: Option<Box<Options<T>>>,
+    ) {
+        let (resource, reaper, fallback) = unpack(options);
+        let owner = owner::<T>(ticket, resource);
+        owner.ticket.dropped_without_close(&owner.resource);
         let job = GuardJob {
             value,
             cleanup: *self,
-            fallback: ctx.fallback,
+            fallback,
         };
-        ctx.reaper.spawn_job(ctx.handle, ctx.owner, job);
+        reaper.spawn_job(handle, owner, job);
     }
 }
 
@@ -188,7 +224,30 @@ impl<T: Send + 'static> AsyncGuard<T> {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<BoxError>,
     {
-        AsyncGuard::builder().build(value, cleanup)
+        AsyncGuard::make(
+            Ticket::new(&KIND),
+            value,
+            Box::new(cleanup),
+            Handle::try_current().ok(),
+            None,
+        )
+    }
+
+    fn make(
+        ticket: Ticket,
+        value: T,
+        cleanup: Box<dyn Cleanup<T>>,
+        handle: Option<Handle>,
+        options: Option<Box<Options<T>>>,
+    ) -> AsyncGuard<T> {
+        AsyncGuard {
+            parts: Some(Parts {
+                value,
+                ticket,
+                handle,
+                rest: SyncWrapper::new(Rest { cleanup, options }),
+            }),
+        }
     }
 
     /// Like [`new`](AsyncGuard::new), with the dropped guard's cleanup handed to
@@ -270,38 +329,28 @@ impl<T: Send + 'static> AsyncGuard<T> {
     /// # });
     /// ```
     pub async fn close(mut self) -> Result<(), BoxError> {
-        let Some(parts) = self.parts.take() else {
+        let Some(Parts {
+            value,
+            ticket,
+            handle,
+            rest,
+        }) = self.parts.take()
+        else {
             return Ok(());
         };
-        let Parts {
-            value,
-            erased,
-            owner,
-            handle,
-            reaper,
-        } = parts;
-        let mut in_flight = InFlight {
-            fut: Some(Erased::take(erased).cleanup.call(value)),
-            owner: Some(owner),
-            handle,
-            reaper,
+        let Rest { cleanup, options } = rest.into_inner();
+        // The fallback goes: once the cleanup has the value, it is of no use.
+        let (resource, reaper, _) = unpack(options);
+        let mut closing = Closing {
+            left: Some(Left {
+                fut: cleanup.call(value),
+                owner: owner::<T>(ticket, resource),
+                handle,
+                reaper,
+            }),
+            polling: false,
         };
-        let result = poll_fn(|cx| {
-            let Some(fut) = in_flight.fut.as_mut() else {
-                return Poll::Ready(Ok(()));
-            };
-            match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
-                Ok(poll) => poll,
-                Err(payload) => {
-                    // A panicked future is never polled again, nor handed on.
-                    in_flight.fut = None;
-                    resume_unwind(payload)
-                }
-            }
-        })
-        .await;
-        in_flight.fut = None;
-        result
+        poll_fn(|cx| closing.poll(cx)).await
     }
 
     /// Takes the value out without running the cleanup.
@@ -333,23 +382,62 @@ impl<T: Send + 'static> AsyncGuard<T> {
     }
 }
 
-/// The rest of an interrupted `close`: handed to the reaper if the `close` future is
-/// dropped before it finished.
-struct InFlight {
-    fut: Option<BoxFuture<Result<(), BoxError>>>,
-    owner: Option<Owner>,
+/// A `close` under way. If it is dropped before the cleanup finished (a `select!`, a
+/// `timeout`, an aborted task), the rest of the cleanup goes to the reaper.
+struct Closing {
+    /// `Some` until the cleanup finished.
+    left: Option<Left>,
+    /// Set while the cleanup is polled: a `Closing` dropped then is unwinding from a
+    /// panic in the cleanup, which is never polled again nor handed on.
+    polling: bool,
+}
+
+/// What a started cleanup needs to go on in the reaper.
+struct Left {
+    fut: BoxFuture<Result<(), BoxError>>,
+    owner: Owner,
     handle: Option<Handle>,
     reaper: ReaperRef,
 }
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if let (Some(fut), Some(owner)) = (self.fut.take(), self.owner.take()) {
-            owner.ticket.dropped_without_close(&owner.resource);
-            self.reaper
-                .inner()
-                .spawn_job(self.handle.take(), owner, FutureJob(fut));
+impl Closing {
+    #[inline]
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Some(left) = &mut self.left else {
+            return Poll::Ready(Ok(()));
+        };
+        self.polling = true;
+        let poll = left.fut.as_mut().poll(cx);
+        self.polling = false;
+        if poll.is_ready() {
+            self.left = None;
         }
+        poll
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if self.polling {
+            return;
+        }
+        if let Some(left) = self.left.take() {
+            left.hand_off();
+        }
+    }
+}
+
+impl Left {
+    #[cold]
+    fn hand_off(self) {
+        let Left {
+            fut,
+            owner,
+            handle,
+            reaper,
+        } = self;
+        owner.ticket.dropped_without_close(&owner.resource);
+        reaper.spawn_job(handle, owner, FutureJob(fut));
     }
 }
 
@@ -363,17 +451,14 @@ impl<T: Send + 'static> Drop for AsyncGuard<T> {
 
 impl<T: Send + 'static> Parts<T> {
     fn defer(self) {
-        self.owner
-            .ticket
-            .dropped_without_close(&self.owner.resource);
-        let Erased { cleanup, fallback } = Erased::take(self.erased);
-        let ctx = DeferCtx {
-            fallback,
-            reaper: self.reaper.inner(),
-            handle: self.handle,
-            owner: self.owner,
-        };
-        cleanup.defer(self.value, ctx);
+        let Parts {
+            value,
+            ticket,
+            handle,
+            rest,
+        } = self;
+        let Rest { cleanup, options } = rest.into_inner();
+        cleanup.defer(value, handle, ticket, options);
     }
 }
 
@@ -408,8 +493,8 @@ impl<T: Send + 'static + fmt::Debug> fmt::Debug for AsyncGuard<T> {
         let parts = self.parts();
         f.debug_struct("AsyncGuard")
             .field("value", &parts.value)
-            .field("kind", &parts.owner.ticket.kind())
-            .field("site", &format_args!("{}", parts.owner.ticket.site()))
+            .field("kind", &parts.ticket.kind())
+            .field("site", &format_args!("{}", parts.ticket.site()))
             .finish()
     }
 }
@@ -516,21 +601,16 @@ impl<T: Send + 'static> AsyncGuardBuilder<T> {
         E: Into<BoxError>,
     {
         let ticket = Ticket::new(self.kind);
-        AsyncGuard {
-            parts: Some(Parts {
-                value,
-                erased: Mutex::new(Erased {
-                    cleanup: Box::new(cleanup),
-                    fallback: self.fallback,
-                }),
-                owner: Owner::new(
-                    ticket,
-                    self.resource.unwrap_or(Cow::Borrowed(type_name::<T>())),
-                ),
-                handle: self.handle.or_else(|| Handle::try_current().ok()),
-                reaper: self.reaper,
-            }),
-        }
+        let handle = self.handle.or_else(|| Handle::try_current().ok());
+        let options = match (self.resource, self.reaper, self.fallback) {
+            (None, ReaperRef::Global, None) => None,
+            (resource, reaper, fallback) => Some(Box::new(Options {
+                resource,
+                reaper,
+                fallback,
+            })),
+        };
+        AsyncGuard::make(ticket, value, Box::new(cleanup), handle, options)
     }
 }
 

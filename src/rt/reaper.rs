@@ -273,6 +273,16 @@ pub(crate) enum ReaperRef {
 }
 
 impl ReaperRef {
+    /// Runs `job` on the reaper: see [`InnerRef::spawn_job`].
+    #[inline]
+    pub(crate) fn spawn_job<J: Job>(self, handle: Option<Handle>, owner: Owner, job: J) {
+        match self {
+            ReaperRef::Global => InnerRef::Static(&Reaper::global().inner),
+            ReaperRef::Owned(r) => InnerRef::Shared(r.inner),
+        }
+        .spawn_job(handle, owner, job);
+    }
+
     /// The reaper's state, for one deferred cleanup.
     pub(crate) fn inner(&self) -> InnerRef {
         match self {
