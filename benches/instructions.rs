@@ -109,7 +109,7 @@ const SCENARIOS: &[Scenario] = &[
     ),
 ];
 
-/// `AsyncGuard::new(v, f).close().await` vs `f(v).await`, on a current-thread runtime,
+/// `AsyncGuard::close(AsyncGuard::new(v, f)).await` vs `f(v).await`, on a current-thread runtime,
 /// for a cleanup that is ready at once (benches/rt.rs, group `close`): `close-ready-*`
 /// with a `block_on` per operation (the figures before issue 11), `close-1rt-*` with
 /// all operations in one `block_on`.
@@ -206,7 +206,11 @@ mod rt {
 
     #[inline(never)]
     pub(super) fn custodian_close(s: &State) {
-        s.rt.block_on(async { AsyncGuard::new(black_box(1), ready).close().await.unwrap() });
+        s.rt.block_on(async {
+            AsyncGuard::close(AsyncGuard::new(black_box(1), ready))
+                .await
+                .unwrap()
+        });
     }
 }
 

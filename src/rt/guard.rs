@@ -23,7 +23,8 @@ static KIND: Kind = Kind::new("custodian::rt::AsyncGuard");
 pub(crate) type BoxFuture<O> = Pin<Box<dyn Future<Output = O> + Send>>;
 type Fallback<T> = Box<dyn FnOnce(T) + Send>;
 
-/// A value with an async cleanup: `close(self).await` runs it and returns its error;
+/// A value with an async cleanup: [`AsyncGuard::close(guard).await`](AsyncGuard::close)
+/// runs it and returns its error (of the cleanup's own type `E`);
 /// dropped without `close` (an early return, `?`, a panic, a cancelled future), the
 /// guard hands the cleanup to its [`Reaper`], which runs it to completion on the
 /// runtime, shielded from the cancelled caller, and reports its error.
@@ -50,17 +51,19 @@ type Fallback<T> = Box<dyn FnOnce(T) + Send>;
 ///     s.shutdown().await
 /// });
 /// conn.write_all(b"hello\n").await?; // Deref to the stream
-/// conn.close().await?; // the goodbye, with its error
+/// AsyncGuard::close(conn).await?; // the goodbye, with its io::Error
 /// # Ok::<(), custodian::BoxError>(())
 /// # }).unwrap();
 /// ```
+///
+/// `E` is the cleanup's error type, returned by [`close`](AsyncGuard::close) as it is.
 #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
-pub struct AsyncGuard<T: Send + 'static> {
+pub struct AsyncGuard<T: Send + 'static, E: 'static = BoxError> {
     /// `Some` until `close`, `into_inner` or `Drop` takes it.
-    parts: Option<Parts<T>>,
+    parts: Option<Parts<T, E>>,
 }
 
-struct Parts<T: Send + 'static> {
+struct Parts<T: Send + 'static, E: 'static> {
     value: T,
     ticket: Ticket,
     /// The runtime current at creation (or given to the builder), where a dropped
@@ -69,13 +72,13 @@ struct Parts<T: Send + 'static> {
     /// In a `SyncWrapper`, which only ever gives its content by value or through `&mut`:
     /// the guard is `Sync` when `T` is (a `&AsyncGuard` can be held across an `.await`
     /// in a spawned task) without asking the closures to be `Sync`.
-    rest: SyncWrapper<Rest<T>>,
+    rest: SyncWrapper<Rest<T, E>>,
 }
 
-struct Rest<T> {
+struct Rest<T, E> {
     /// The cleanup closure with its type erased; a closure that captures nothing (the
     /// usual case: the value is its argument) is not allocated.
-    cleanup: Box<dyn Cleanup<T>>,
+    cleanup: Box<dyn Cleanup<T, E>>,
     /// What the builder set beyond the kind and the runtime; `None` (no allocation) for
     /// `AsyncGuard::new`.
     options: Option<Box<Options<T>>>,
@@ -111,11 +114,11 @@ fn unpack<T>(
     }
 }
 
-/// The cleanup closure with its types erased, so that the guard is `AsyncGuard<T>`
+/// The cleanup closure with its types erased, so that the guard is `AsyncGuard<T, E>`
 /// whatever the closure and its future are. `defer` is monomorphised: the future is
 /// spawned as it is, not boxed.
-trait Cleanup<T>: Send {
-    fn call(self: Box<Self>, value: T) -> BoxFuture<Result<(), BoxError>>;
+trait Cleanup<T, E>: Send {
+    fn call(self: Box<Self>, value: T) -> BoxFuture<Result<(), E>>;
     fn defer(
         self: Box<Self>,
         value: T,
@@ -125,16 +128,15 @@ trait Cleanup<T>: Send {
     );
 }
 
-impl<T, F, Fut, E> Cleanup<T> for F
+impl<T, F, Fut, E> Cleanup<T, E> for F
 where
     T: Send + 'static,
     F: FnOnce(T) -> Fut + Send + 'static,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
-    E: Into<BoxError>,
+    E: Into<BoxError> + 'static,
 {
-    fn call(self: Box<Self>, value: T) -> BoxFuture<Result<(), BoxError>> {
-        let fut = (*self)(value);
-        Box::pin(async move { fut.await.map_err(Into::into) })
+    fn call(self: Box<Self>, value: T) -> BoxFuture<Result<(), E>> {
+        Box::pin((*self)(value))
     }
 
     fn defer(
@@ -198,11 +200,47 @@ where
 }
 
 impl<T: Send + 'static> AsyncGuard<T> {
+    /// Options beyond the cleanup: the ledger kind, a description of the resource for
+    /// events, the reaper, the runtime, and a synchronous fallback. Guards built on
+    /// `AsyncGuard` (an async socket, a child process) use it to report under their own
+    /// kind.
+    ///
+    /// ```
+    /// use custodian::ledger::Kind;
+    /// use custodian::rt::AsyncGuard;
+    ///
+    /// static SESSION: Kind = Kind::new("myapp::Session");
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let session = AsyncGuard::builder()
+    ///     .kind(&SESSION)
+    ///     .resource("session 7 with 10.0.0.2:443")
+    ///     .fallback(|id: u32| eprintln!("session {id}: no runtime left, logged out locally"))
+    ///     .build(7u32, |id| async move { Ok::<_, std::io::Error>(()) });
+    /// assert_eq!(custodian::ledger::snapshot().get("myapp::Session").live(), 1);
+    /// AsyncGuard::close(session).await.unwrap();
+    /// # });
+    /// ```
+    pub fn builder() -> AsyncGuardBuilder<T> {
+        AsyncGuardBuilder {
+            kind: &KIND,
+            resource: None,
+            reaper: ReaperRef::Global,
+            handle: None,
+            fallback: None,
+        }
+    }
+}
+
+impl<T: Send + 'static, E: Into<BoxError> + 'static> AsyncGuard<T, E> {
     /// Guards `value` with an async `cleanup`, run by [`close`](AsyncGuard::close) or,
     /// if the guard is dropped, by the process-wide [`Reaper::global`].
     ///
-    /// The cleanup's future must be `Send + 'static` (it may run in another task) and
-    /// its error convert into [`BoxError`].
+    /// The cleanup's future must be `Send + 'static` (it may run in another task). Its
+    /// error type `E` is the guard's: [`close`](AsyncGuard::close) returns it as it is,
+    /// and it must convert into [`BoxError`] only for the report of a dropped guard's
+    /// cleanup. (`AsyncGuard<T>` alone names `AsyncGuard<T, BoxError>`: a field that
+    /// holds a guard with an `io::Error` cleanup is an `AsyncGuard<T, io::Error>`.)
     ///
     /// ```
     /// use custodian::rt::AsyncGuard;
@@ -213,16 +251,15 @@ impl<T: Send + 'static> AsyncGuard<T> {
     ///     Ok::<_, std::io::Error>(())
     /// });
     /// assert_eq!(*lock, "job-42");
-    /// lock.close().await.unwrap();
+    /// AsyncGuard::close(lock).await.unwrap();
     /// # });
     /// ```
     #[track_caller]
     #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
-    pub fn new<F, Fut, E>(value: T, cleanup: F) -> AsyncGuard<T>
+    pub fn new<F, Fut>(value: T, cleanup: F) -> AsyncGuard<T, E>
     where
         F: FnOnce(T) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: Into<BoxError>,
     {
         AsyncGuard::make(
             Ticket::new(&KIND),
@@ -236,10 +273,10 @@ impl<T: Send + 'static> AsyncGuard<T> {
     fn make(
         ticket: Ticket,
         value: T,
-        cleanup: Box<dyn Cleanup<T>>,
+        cleanup: Box<dyn Cleanup<T, E>>,
         handle: Option<Handle>,
         options: Option<Box<Options<T>>>,
-    ) -> AsyncGuard<T> {
+    ) -> AsyncGuard<T, E> {
         AsyncGuard {
             parts: Some(Parts {
                 value,
@@ -264,51 +301,24 @@ impl<T: Send + 'static> AsyncGuard<T> {
     /// ```
     #[track_caller]
     #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
-    pub fn with_reaper<F, Fut, E>(reaper: &Reaper, value: T, cleanup: F) -> AsyncGuard<T>
+    pub fn with_reaper<F, Fut>(reaper: &Reaper, value: T, cleanup: F) -> AsyncGuard<T, E>
     where
         F: FnOnce(T) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: Into<BoxError>,
     {
         AsyncGuard::builder().reaper(reaper).build(value, cleanup)
-    }
-
-    /// Options beyond the cleanup: the ledger kind, a description of the resource for
-    /// events, the reaper, the runtime, and a synchronous fallback. Guards built on
-    /// `AsyncGuard` (an async socket, a child process) use it to report under their own
-    /// kind.
-    ///
-    /// ```
-    /// use custodian::ledger::Kind;
-    /// use custodian::rt::AsyncGuard;
-    ///
-    /// static SESSION: Kind = Kind::new("myapp::Session");
-    ///
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let session = AsyncGuard::builder()
-    ///     .kind(&SESSION)
-    ///     .resource("session 7 with 10.0.0.2:443")
-    ///     .fallback(|id: u32| eprintln!("session {id}: no runtime left, logged out locally"))
-    ///     .build(7u32, |id| async move { Ok::<_, std::io::Error>(()) });
-    /// assert_eq!(custodian::ledger::snapshot().get("myapp::Session").live(), 1);
-    /// session.close().await.unwrap();
-    /// # });
-    /// ```
-    pub fn builder() -> AsyncGuardBuilder<T> {
-        AsyncGuardBuilder {
-            kind: &KIND,
-            resource: None,
-            reaper: ReaperRef::Global,
-            handle: None,
-            fallback: None,
-        }
     }
 
     /// Runs the cleanup now and returns its error. This is the normal way to end a
     /// guard.
     ///
+    /// An associated function, not a method (`AsyncGuard::close(guard)`), so that it
+    /// does not hide a `close` method of `T` (a websocket's, a pool's) reached through
+    /// `Deref`.
+    ///
     /// # Errors
-    /// The cleanup's error, boxed (downcast it to get the original type back).
+    /// The cleanup's own error, of its own type `E` (an `io::Error` keeps its `kind()`;
+    /// nothing to downcast).
     ///
     /// # Panics
     /// A panic in the cleanup goes on to the caller (it is not handed to the reaper).
@@ -323,18 +333,20 @@ impl<T: Send + 'static> AsyncGuard<T> {
     /// use custodian::rt::AsyncGuard;
     ///
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let guard = AsyncGuard::new((), |()| async { Err::<(), _>("unlock refused") });
-    /// let err = guard.close().await.unwrap_err();
-    /// assert_eq!(err.to_string(), "unlock refused");
+    /// let guard = AsyncGuard::new((), |()| async {
+    ///     Err::<(), _>(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "unlock refused"))
+    /// });
+    /// let err: std::io::Error = AsyncGuard::close(guard).await.unwrap_err();
+    /// assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
     /// # });
     /// ```
-    pub async fn close(mut self) -> Result<(), BoxError> {
+    pub async fn close(mut guard: AsyncGuard<T, E>) -> Result<(), E> {
         let Some(Parts {
             value,
             ticket,
             handle,
             rest,
-        }) = self.parts.take()
+        }) = guard.parts.take()
         else {
             return Ok(());
         };
@@ -366,17 +378,10 @@ impl<T: Send + 'static> AsyncGuard<T> {
     /// assert_eq!(AsyncGuard::into_inner(guard), 5);
     /// # });
     /// ```
-    pub fn into_inner(mut guard: AsyncGuard<T>) -> T {
+    pub fn into_inner(mut guard: AsyncGuard<T, E>) -> T {
         match guard.parts.take() {
             Some(parts) => parts.value,
             // `parts` is `Some` for the whole life of a guard the caller can hold.
-            None => unreachable!("AsyncGuard used after it was consumed"),
-        }
-    }
-
-    fn parts(&self) -> &Parts<T> {
-        match &self.parts {
-            Some(p) => p,
             None => unreachable!("AsyncGuard used after it was consumed"),
         }
     }
@@ -384,25 +389,25 @@ impl<T: Send + 'static> AsyncGuard<T> {
 
 /// A `close` under way. If it is dropped before the cleanup finished (a `select!`, a
 /// `timeout`, an aborted task), the rest of the cleanup goes to the reaper.
-struct Closing {
+struct Closing<E: Into<BoxError> + 'static> {
     /// `Some` until the cleanup finished.
-    left: Option<Left>,
+    left: Option<Left<E>>,
     /// Set while the cleanup is polled: a `Closing` dropped then is unwinding from a
     /// panic in the cleanup, which is never polled again nor handed on.
     polling: bool,
 }
 
 /// What a started cleanup needs to go on in the reaper.
-struct Left {
-    fut: BoxFuture<Result<(), BoxError>>,
+struct Left<E> {
+    fut: BoxFuture<Result<(), E>>,
     owner: Owner,
     handle: Option<Handle>,
     reaper: ReaperRef,
 }
 
-impl Closing {
+impl<E: Into<BoxError> + 'static> Closing<E> {
     #[inline]
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
         let Some(left) = &mut self.left else {
             return Poll::Ready(Ok(()));
         };
@@ -416,7 +421,7 @@ impl Closing {
     }
 }
 
-impl Drop for Closing {
+impl<E: Into<BoxError> + 'static> Drop for Closing<E> {
     fn drop(&mut self) {
         if self.polling {
             return;
@@ -427,7 +432,7 @@ impl Drop for Closing {
     }
 }
 
-impl Left {
+impl<E: Into<BoxError> + 'static> Left<E> {
     #[cold]
     fn hand_off(self) {
         let Left {
@@ -441,7 +446,7 @@ impl Left {
     }
 }
 
-impl<T: Send + 'static> Drop for AsyncGuard<T> {
+impl<T: Send + 'static, E: 'static> Drop for AsyncGuard<T, E> {
     fn drop(&mut self) {
         if let Some(parts) = self.parts.take() {
             parts.defer();
@@ -449,7 +454,16 @@ impl<T: Send + 'static> Drop for AsyncGuard<T> {
     }
 }
 
-impl<T: Send + 'static> Parts<T> {
+impl<T: Send + 'static, E: 'static> AsyncGuard<T, E> {
+    fn parts(&self) -> &Parts<T, E> {
+        match &self.parts {
+            Some(p) => p,
+            None => unreachable!("AsyncGuard used after it was consumed"),
+        }
+    }
+}
+
+impl<T: Send + 'static, E: 'static> Parts<T, E> {
     fn defer(self) {
         let Parts {
             value,
@@ -462,7 +476,7 @@ impl<T: Send + 'static> Parts<T> {
     }
 }
 
-impl<T: Send + 'static> Deref for AsyncGuard<T> {
+impl<T: Send + 'static, E: 'static> Deref for AsyncGuard<T, E> {
     type Target = T;
 
     fn deref(&self) -> &T {
@@ -470,7 +484,7 @@ impl<T: Send + 'static> Deref for AsyncGuard<T> {
     }
 }
 
-impl<T: Send + 'static> DerefMut for AsyncGuard<T> {
+impl<T: Send + 'static, E: 'static> DerefMut for AsyncGuard<T, E> {
     fn deref_mut(&mut self) -> &mut T {
         match &mut self.parts {
             Some(p) => &mut p.value,
@@ -480,15 +494,15 @@ impl<T: Send + 'static> DerefMut for AsyncGuard<T> {
 }
 
 /// Closing the guard runs its cleanup ([`AsyncGuard::close`]).
-impl<T: Send + 'static> AsyncClose for AsyncGuard<T> {
-    type Error = BoxError;
+impl<T: Send + 'static, E: Into<BoxError> + 'static> AsyncClose for AsyncGuard<T, E> {
+    type Error = E;
 
-    fn close(self) -> impl Future<Output = Result<(), BoxError>> + Send {
+    fn close(self) -> impl Future<Output = Result<(), E>> + Send {
         AsyncGuard::close(self)
     }
 }
 
-impl<T: Send + 'static + fmt::Debug> fmt::Debug for AsyncGuard<T> {
+impl<T: Send + 'static + fmt::Debug, E: 'static> fmt::Debug for AsyncGuard<T, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let parts = self.parts();
         f.debug_struct("AsyncGuard")
@@ -589,16 +603,16 @@ impl<T: Send + 'static> AsyncGuardBuilder<T> {
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// let guard = custodian::rt::AsyncGuard::builder()
     ///     .build(String::from("x"), |s| async move { Ok::<_, std::io::Error>(()) });
-    /// guard.close().await.unwrap();
+    /// custodian::rt::AsyncGuard::close(guard).await.unwrap();
     /// # });
     /// ```
     #[track_caller]
     #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
-    pub fn build<F, Fut, E>(self, value: T, cleanup: F) -> AsyncGuard<T>
+    pub fn build<F, Fut, E>(self, value: T, cleanup: F) -> AsyncGuard<T, E>
     where
         F: FnOnce(T) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: Into<BoxError>,
+        E: Into<BoxError> + 'static,
     {
         let ticket = Ticket::new(self.kind);
         let handle = self.handle.or_else(|| Handle::try_current().ok());
