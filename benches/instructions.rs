@@ -65,6 +65,12 @@ impl Body {
 
 struct State {
     n: Cell<u64>,
+    #[cfg(unix)]
+    lock_path: std::path::PathBuf,
+    #[cfg(unix)]
+    socket_path: std::path::PathBuf,
+    #[cfg(unix)]
+    _dir: tempfile::TempDir,
     counter: Arc<AtomicU64>,
     /// A current-thread runtime for the async scenarios (feature `tokio`).
     #[cfg(feature = "tokio")]
@@ -82,6 +88,20 @@ const SCENARIOS: &[Scenario] = &[
     ("ticket-nothing", Body::Each(ticket_nothing)),
     ("ticket", Body::Each(ticket)),
     ("ticket-filtered-subscriber", Body::Each(ticket)),
+    #[cfg(unix)]
+    ("lock-by-hand", Body::Each(os::lock_by_hand)),
+    #[cfg(unix)]
+    ("lock-custodian", Body::Each(os::lock_custodian)),
+    #[cfg(unix)]
+    (
+        "unix-listener-by-hand",
+        Body::Each(os::unix_listener_by_hand),
+    ),
+    #[cfg(unix)]
+    (
+        "unix-listener-custodian",
+        Body::Each(os::unix_listener_custodian),
+    ),
     #[cfg(feature = "tokio")]
     ("close-ready-direct", Body::Each(rt::direct)),
     #[cfg(feature = "tokio")]
@@ -214,6 +234,97 @@ mod rt {
     }
 }
 
+/// `LockFile` acquire + release and `UnixListenerGuard` bind + drop against the same
+/// system calls made by hand through std (callgrind counts user-space instructions only,
+/// so this is what each side adds on top of the kernel's work). Files live in a
+/// directory of their own under `/dev/shm` when it exists (tmpfs), else the temp dir.
+#[cfg(unix)]
+mod os {
+    use super::State;
+    use std::fs::{self, OpenOptions};
+    use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+    use std::os::unix::net::UnixListener;
+
+    /// The by-hand lock: what `LockFile::acquire` + `close` do for an absent file
+    /// (`open(O_CREAT|O_EXCL|O_NOFOLLOW)`, `flock`, `fstat`, `lstat` of the path, `pwrite`
+    /// of the pid; then `pread` of the record, `lstat`, `unlink`, `flock(LOCK_UN)`,
+    /// `close`), with the same checks.
+    #[inline(never)]
+    pub(super) fn lock_by_hand(s: &State) {
+        let path = &s.lock_path;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc_o_nofollow())
+            .open(path)
+            .unwrap();
+        file.lock().unwrap();
+        let meta = file.metadata().unwrap();
+        let now = fs::symlink_metadata(path).unwrap();
+        assert!(meta.ino() == now.ino() && meta.dev() == now.dev() && meta.is_file());
+        let pid = std::process::id();
+        let mut buf = [0u8; 16];
+        let mut n = 0;
+        let mut p = pid;
+        let mut digits = [0u8; 10];
+        loop {
+            digits[n] = b'0' + (p % 10) as u8;
+            n += 1;
+            p /= 10;
+            if p == 0 {
+                break;
+            }
+        }
+        for i in 0..n {
+            buf[i] = digits[n - 1 - i];
+        }
+        buf[n] = b'\n';
+        file.write_all_at(&buf[..=n], 0).unwrap();
+        // Release: our record still there, the path still ours: unlink, unlock, close.
+        let mut rec = [0u8; 33];
+        let got = file.read_at(&mut rec, 0).unwrap();
+        assert_eq!(&rec[..got], &buf[..=n]);
+        let now = fs::symlink_metadata(path).unwrap();
+        assert!(meta.ino() == now.ino() && meta.dev() == now.dev());
+        fs::remove_file(path).unwrap();
+        file.unlock().unwrap();
+        drop(file);
+    }
+
+    fn libc_o_nofollow() -> i32 {
+        0o400000 // O_NOFOLLOW on Linux
+    }
+
+    #[inline(never)]
+    pub(super) fn lock_custodian(s: &State) {
+        custodian::fs::LockFile::acquire(&s.lock_path)
+            .unwrap()
+            .close()
+            .unwrap();
+    }
+
+    /// The by-hand listener: bind (socket, bind, listen), `stat` the new socket, then
+    /// on release `stat` the path again, compare, `unlink`, close.
+    #[inline(never)]
+    pub(super) fn unix_listener_by_hand(s: &State) {
+        let path = &s.socket_path;
+        let listener = UnixListener::bind(path).unwrap();
+        let meta = fs::symlink_metadata(path).unwrap();
+        let now = fs::symlink_metadata(path).unwrap();
+        if meta.ino() == now.ino() && meta.dev() == now.dev() {
+            fs::remove_file(path).unwrap();
+        }
+        drop(listener);
+    }
+
+    #[inline(never)]
+    pub(super) fn unix_listener_custodian(s: &State) {
+        drop(custodian::net::UnixListenerGuard::bind(&s.socket_path).unwrap());
+    }
+}
+
 #[inline(never)]
 fn hand_written(s: &State) {
     let _g = HandWritten(black_box(&s.n));
@@ -305,8 +416,24 @@ fn smoke(state: &State) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     ledger::track_sites(false); // the release-build default
+    #[cfg(unix)]
+    let dir = {
+        let shm = std::path::Path::new("/dev/shm");
+        if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        }
+        .expect("a scratch directory")
+    };
     let state = State {
         n: Cell::new(0),
+        #[cfg(unix)]
+        lock_path: dir.path().join("bench.lock"),
+        #[cfg(unix)]
+        socket_path: dir.path().join("bench.sock"),
+        #[cfg(unix)]
+        _dir: dir,
         counter: Arc::new(AtomicU64::new(0)),
         #[cfg(feature = "tokio")]
         rt: tokio::runtime::Builder::new_current_thread()
