@@ -36,12 +36,42 @@ impl Drop for HandWritten<'_> {
     }
 }
 
-/// Scenario name and one run of it. Each run is `#[inline(never)]` so the count is of
-/// the same code the criterion suite times.
-type Scenario = (&'static str, fn(&State));
+/// Scenario name and how it runs. Each run is `#[inline(never)]` so the count is of the
+/// same code the criterion suite times.
+type Scenario = (&'static str, Body);
+
+/// How a scenario runs `n` times.
+#[derive(Clone, Copy)]
+enum Body {
+    /// One call per run.
+    Each(fn(&State)),
+    /// One call for all `n` runs: the async scenarios run `n` operations inside a single
+    /// `block_on`, so that entering the runtime is not counted per operation.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    Loop(fn(&State, u64)),
+}
+
+impl Body {
+    fn run(self, state: &State, n: u64) {
+        match self {
+            Body::Each(f) => {
+                for _ in 0..n {
+                    f(state);
+                }
+            }
+            Body::Loop(f) => f(state, n),
+        }
+    }
+}
 
 struct State {
     n: Cell<u64>,
+    #[cfg(unix)]
+    lock_path: std::path::PathBuf,
+    #[cfg(unix)]
+    socket_path: std::path::PathBuf,
+    #[cfg(unix)]
+    _dir: tempfile::TempDir,
     counter: Arc<AtomicU64>,
     /// A current-thread runtime for the async scenarios (feature `tokio`).
     #[cfg(feature = "tokio")]
@@ -49,29 +79,141 @@ struct State {
 }
 
 const SCENARIOS: &[Scenario] = &[
-    ("defer-hand-written", hand_written),
-    ("defer-scopeguard", scopeguard_defer),
-    ("defer-scope-1", scope_1),
-    ("defer-scope-8", scope_8),
-    ("stack8-vec", stack8_vec),
-    ("stack8-close", stack8_close),
-    ("stack8-drop", stack8_drop),
-    ("ticket-nothing", ticket_nothing),
-    ("ticket", ticket),
-    ("ticket-filtered-subscriber", ticket),
+    ("defer-hand-written", Body::Each(hand_written)),
+    ("defer-scopeguard", Body::Each(scopeguard_defer)),
+    ("defer-scope-1", Body::Each(scope_1)),
+    ("defer-scope-8", Body::Each(scope_8)),
+    ("stack8-vec", Body::Each(stack8_vec)),
+    ("stack8-close", Body::Each(stack8_close)),
+    ("stack8-drop", Body::Each(stack8_drop)),
+    ("ticket-nothing", Body::Each(ticket_nothing)),
+    ("ticket", Body::Each(ticket)),
+    ("ticket-filtered-subscriber", Body::Each(ticket)),
+    #[cfg(unix)]
+    ("lock-by-hand", Body::Each(os::lock_by_hand)),
+    #[cfg(unix)]
+    ("lock-custodian", Body::Each(os::lock_custodian)),
+    #[cfg(unix)]
+    (
+        "unix-listener-by-hand",
+        Body::Each(os::unix_listener_by_hand),
+    ),
+    #[cfg(unix)]
+    (
+        "unix-listener-custodian",
+        Body::Each(os::unix_listener_custodian),
+    ),
     #[cfg(feature = "tokio")]
-    ("close-ready-direct", rt::direct),
+    ("close-ready-direct", Body::Each(rt::direct)),
     #[cfg(feature = "tokio")]
-    ("close-ready-custodian", rt::custodian_close),
+    ("close-ready-custodian", Body::Each(rt::custodian_close)),
+    #[cfg(feature = "tokio")]
+    ("close-1rt-direct", Body::Loop(rt::direct_1rt)),
+    #[cfg(feature = "tokio")]
+    ("close-1rt-custodian", Body::Loop(rt::custodian_close_1rt)),
+    #[cfg(feature = "tokio")]
+    (
+        "close-1rt-into-inner",
+        Body::Loop(rt::custodian_into_inner_1rt),
+    ),
+    #[cfg(feature = "tokio")]
+    ("reaper-tracker-spawn", Body::Loop(rt::tracker_spawn)),
+    #[cfg(feature = "tokio")]
+    (
+        "reaper-custodian-dropped",
+        Body::Loop(rt::custodian_dropped),
+    ),
+    #[cfg(feature = "tokio")]
+    (
+        "reaper-tracker-spawn-ticket",
+        Body::Loop(rt::tracker_spawn_ticket),
+    ),
 ];
 
-/// `AsyncGuard::new(v, f).close().await` vs `f(v).await`, on a current-thread runtime,
-/// for a cleanup that is ready at once (benches/rt.rs, group `close`).
+/// `AsyncGuard::close(AsyncGuard::new(v, f)).await` vs `f(v).await`, on a current-thread runtime,
+/// for a cleanup that is ready at once (benches/rt.rs, group `close`): `close-ready-*`
+/// with a `block_on` per operation (the figures before issue 11), `close-1rt-*` with
+/// all operations in one `block_on`.
+///
+/// `reaper-*`: a dropped guard's cleanup handed to the (global) reaper and run to the
+/// end, vs `TaskTracker::spawn` of the same future; the driver yields every
+/// [`BATCH`] hand-offs so that the runtime runs them.
 #[cfg(feature = "tokio")]
 mod rt {
-    use super::State;
+    use super::{BENCH, State};
+    use custodian::ledger::Ticket;
     use custodian::rt::AsyncGuard;
     use std::hint::black_box;
+    use tokio_util::task::TaskTracker;
+
+    /// Hand-offs between two yields of the driver (the cleanups then run).
+    const BATCH: u64 = 64;
+
+    #[inline(never)]
+    pub(super) fn direct_1rt(s: &State, n: u64) {
+        s.rt.block_on(async {
+            for _ in 0..n {
+                ready(black_box(1)).await.unwrap();
+            }
+        });
+    }
+
+    #[inline(never)]
+    pub(super) fn custodian_close_1rt(s: &State, n: u64) {
+        s.rt.block_on(async {
+            for _ in 0..n {
+                AsyncGuard::close(AsyncGuard::new(black_box(1), ready))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+
+    /// The guard made and given up without its cleanup: `close-1rt-custodian` minus this
+    /// is what `close` itself adds, net of creating and ending the guard.
+    #[inline(never)]
+    pub(super) fn custodian_into_inner_1rt(s: &State, n: u64) {
+        s.rt.block_on(async {
+            for _ in 0..n {
+                black_box(AsyncGuard::into_inner(AsyncGuard::new(black_box(1), ready)));
+            }
+        });
+    }
+
+    async fn batched(n: u64, mut each: impl FnMut()) {
+        for i in 0..n {
+            each();
+            if i % BATCH == BATCH - 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+
+    #[inline(never)]
+    pub(super) fn tracker_spawn(s: &State, n: u64) {
+        let tracker = TaskTracker::new();
+        s.rt.block_on(batched(n, || drop(tracker.spawn(ready(black_box(1))))));
+    }
+
+    /// `TaskTracker::spawn` plus the ledger ticket every custodian guard carries.
+    #[inline(never)]
+    pub(super) fn tracker_spawn_ticket(s: &State, n: u64) {
+        let tracker = TaskTracker::new();
+        s.rt.block_on(batched(n, || {
+            let ticket = Ticket::new(&BENCH);
+            drop(tracker.spawn(async move {
+                let r = ready(black_box(1)).await;
+                drop(ticket);
+                r
+            }));
+        }));
+    }
+
+    #[inline(never)]
+    pub(super) fn custodian_dropped(s: &State, n: u64) {
+        s.rt.block_on(batched(n, || drop(AsyncGuard::new(black_box(1), ready))));
+    }
 
     async fn ready(n: u64) -> std::io::Result<()> {
         black_box(n);
@@ -85,7 +227,102 @@ mod rt {
 
     #[inline(never)]
     pub(super) fn custodian_close(s: &State) {
-        s.rt.block_on(async { AsyncGuard::new(black_box(1), ready).close().await.unwrap() });
+        s.rt.block_on(async {
+            AsyncGuard::close(AsyncGuard::new(black_box(1), ready))
+                .await
+                .unwrap()
+        });
+    }
+}
+
+/// `LockFile` acquire + release and `UnixListenerGuard` bind + drop against the same
+/// system calls made by hand through std (callgrind counts user-space instructions only,
+/// so this is what each side adds on top of the kernel's work). Files live in a
+/// directory of their own under `/dev/shm` when it exists (tmpfs), else the temp dir.
+#[cfg(unix)]
+mod os {
+    use super::State;
+    use std::fs::{self, OpenOptions};
+    use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+    use std::os::unix::net::UnixListener;
+
+    /// The by-hand lock: what `LockFile::acquire` + `close` do for an absent file
+    /// (`open(O_CREAT|O_EXCL|O_NOFOLLOW)`, `flock`, `fstat`, `lstat` of the path, `pwrite`
+    /// of the pid; then `pread` of the record, `lstat`, `unlink`, `flock(LOCK_UN)`,
+    /// `close`), with the same checks.
+    #[inline(never)]
+    pub(super) fn lock_by_hand(s: &State) {
+        let path = &s.lock_path;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc_o_nofollow())
+            .open(path)
+            .unwrap();
+        file.lock().unwrap();
+        let meta = file.metadata().unwrap();
+        let now = fs::symlink_metadata(path).unwrap();
+        assert!(meta.ino() == now.ino() && meta.dev() == now.dev() && meta.is_file());
+        let pid = std::process::id();
+        let mut buf = [0u8; 16];
+        let mut n = 0;
+        let mut p = pid;
+        let mut digits = [0u8; 10];
+        loop {
+            digits[n] = b'0' + (p % 10) as u8;
+            n += 1;
+            p /= 10;
+            if p == 0 {
+                break;
+            }
+        }
+        for i in 0..n {
+            buf[i] = digits[n - 1 - i];
+        }
+        buf[n] = b'\n';
+        file.write_all_at(&buf[..=n], 0).unwrap();
+        // Release: our record still there, the path still ours: unlink, unlock, close.
+        let mut rec = [0u8; 33];
+        let got = file.read_at(&mut rec, 0).unwrap();
+        assert_eq!(&rec[..got], &buf[..=n]);
+        let now = fs::symlink_metadata(path).unwrap();
+        assert!(meta.ino() == now.ino() && meta.dev() == now.dev());
+        fs::remove_file(path).unwrap();
+        file.unlock().unwrap();
+        drop(file);
+    }
+
+    fn libc_o_nofollow() -> i32 {
+        0o400000 // O_NOFOLLOW on Linux
+    }
+
+    #[inline(never)]
+    pub(super) fn lock_custodian(s: &State) {
+        custodian::fs::LockFile::acquire(&s.lock_path)
+            .unwrap()
+            .close()
+            .unwrap();
+    }
+
+    /// The by-hand listener: bind (socket, bind, listen), `stat` the new socket, then
+    /// on release `stat` the path again, compare, `unlink`, close.
+    #[inline(never)]
+    pub(super) fn unix_listener_by_hand(s: &State) {
+        let path = &s.socket_path;
+        let listener = UnixListener::bind(path).unwrap();
+        let meta = fs::symlink_metadata(path).unwrap();
+        let now = fs::symlink_metadata(path).unwrap();
+        if meta.ino() == now.ino() && meta.dev() == now.dev() {
+            fs::remove_file(path).unwrap();
+        }
+        drop(listener);
+    }
+
+    #[inline(never)]
+    pub(super) fn unix_listener_custodian(s: &State) {
+        drop(custodian::net::UnixListenerGuard::bind(&s.socket_path).unwrap());
     }
 }
 
@@ -172,16 +409,32 @@ fn ticket(_: &State) {
 }
 
 fn smoke(state: &State) {
-    for (_, run) in SCENARIOS {
-        run(state);
+    for (_, body) in SCENARIOS {
+        body.run(state, 1);
     }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     ledger::track_sites(false); // the release-build default
+    #[cfg(unix)]
+    let dir = {
+        let shm = std::path::Path::new("/dev/shm");
+        if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        }
+        .expect("a scratch directory")
+    };
     let state = State {
         n: Cell::new(0),
+        #[cfg(unix)]
+        lock_path: dir.path().join("bench.lock"),
+        #[cfg(unix)]
+        socket_path: dir.path().join("bench.sock"),
+        #[cfg(unix)]
+        _dir: dir,
         counter: Arc::new(AtomicU64::new(0)),
         #[cfg(feature = "tokio")]
         rt: tokio::runtime::Builder::new_current_thread()
@@ -200,7 +453,7 @@ fn main() {
             }
         }
         Some(name) => {
-            let Some(&(_, run)) = SCENARIOS.iter().find(|(n, _)| *n == name) else {
+            let Some(&(_, body)) = SCENARIOS.iter().find(|(n, _)| *n == name) else {
                 eprintln!("unknown scenario {name}; `list` prints them");
                 std::process::exit(2);
             };
@@ -208,10 +461,8 @@ fn main() {
             let go = || {
                 // Warm up once so that one-time work (registering the kind and the
                 // thread's counters) is counted in the N = 0 run as well.
-                run(&state);
-                for _ in 0..iterations {
-                    run(&state);
-                }
+                body.run(&state, 1);
+                body.run(&state, iterations);
             };
             if name == "ticket-filtered-subscriber" {
                 let filtered = tracing_subscriber::fmt()

@@ -6,7 +6,7 @@
 //!   resource waiting for cancellation), vs async-dropper (blocks in `Drop` until the
 //!   cleanup finished). Multi-thread runtime, 2 workers. One element = one resource
 //!   created, dropped and cleaned up.
-//! - `close`: `AsyncGuard::new(v, f).close().await` vs `f(v).await`, on a current-thread
+//! - `close`: `AsyncGuard::close(AsyncGuard::new(v, f)).await` vs `f(v).await`, on a current-thread
 //!   runtime, for a cleanup that is ready at once, one that yields once, and a real one (a
 //!   goodbye line written to a loopback TCP peer).
 //!
@@ -184,7 +184,11 @@ fn close(c: &mut Criterion) {
     });
     group.bench_function("custodian close, ready cleanup", |b| {
         b.iter(|| {
-            rt.block_on(async { AsyncGuard::new(black_box(1), ready).close().await.unwrap() })
+            rt.block_on(async {
+                AsyncGuard::close(AsyncGuard::new(black_box(1), ready))
+                    .await
+                    .unwrap()
+            })
         })
     });
     group.bench_function("direct yielding cleanup", |b| {
@@ -192,7 +196,11 @@ fn close(c: &mut Criterion) {
     });
     group.bench_function("custodian close, yielding cleanup", |b| {
         b.iter(|| {
-            rt.block_on(async { AsyncGuard::new(black_box(1), yields).close().await.unwrap() })
+            rt.block_on(async {
+                AsyncGuard::close(AsyncGuard::new(black_box(1), yields))
+                    .await
+                    .unwrap()
+            })
         })
     });
 
@@ -215,8 +223,7 @@ fn close(c: &mut Criterion) {
     group.bench_function("custodian close, goodbye over loopback TCP", |b| {
         b.iter(|| {
             rt.block_on(async {
-                AsyncGuard::new(Arc::clone(&client), goodbye)
-                    .close()
+                AsyncGuard::close(AsyncGuard::new(Arc::clone(&client), goodbye))
                     .await
                     .unwrap()
             })

@@ -8,6 +8,7 @@ use std::panic::Location;
 use std::panic::{self, AssertUnwindSafe};
 
 use smallvec::SmallVec;
+use sync_wrapper::SyncWrapper;
 
 use crate::Close;
 use crate::error::{BoxError, CleanupError, CleanupErrors};
@@ -94,9 +95,13 @@ pub struct CleanupStack {
     /// closures that capture something.
     entries: SmallVec<[Entry; INLINE]>,
     ticket: Ticket,
-    /// What the entries are: `Send` closures, not `Sync` ones (a `Slot` is plain bytes,
-    /// so without this the stack would be `Sync` too).
-    _entries: PhantomData<Box<dyn FnOnce() + Send>>,
+    /// What the entries are: `Send` closures, not necessarily `Sync` ones (a `Slot` is
+    /// plain bytes, so this marker is what makes the stack `Send` only when they are).
+    /// The stack is `Sync` all the same, as a `SyncWrapper` is: nothing reachable
+    /// through `&self` (`len`, `is_empty`, `Debug`) touches a closure; they are only run
+    /// or dropped through `&mut self` or by value. So a stack can sit in state shared
+    /// through an `Arc`.
+    _entries: PhantomData<SyncWrapper<Box<dyn FnOnce() + Send>>>,
 }
 
 impl CleanupStack {

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use custodian::ledger::{self, Kind};
-use custodian::rt::{AsyncCleanupStack, AsyncGuard, Entered, Reaper, ShutdownSignals, Signal};
+use custodian::rt::{
+    AsyncCleanupStack, AsyncGuard, Entered, Reaper, ShutdownSignal, ShutdownSignals,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -40,7 +42,7 @@ where
 
 /// A guard whose cleanup yields once (so it really is asynchronous), then counts.
 #[track_caller]
-fn counting(reaper: &Reaper, runs: &Arc<AtomicUsize>) -> AsyncGuard<Arc<AtomicUsize>> {
+fn counting(reaper: &Reaper, runs: &Arc<AtomicUsize>) -> AsyncGuard<Arc<AtomicUsize>, io::Error> {
     AsyncGuard::with_reaper(reaper, Arc::clone(runs), |runs| async move {
         tokio::task::yield_now().await;
         runs.fetch_add(1, SeqCst);
@@ -73,16 +75,40 @@ fn guards_and_their_futures_can_cross_threads() {
     // `.await` in a spawned task.
     send_sync(&guard);
     send_sync(&Reaper::new());
-    let close = guard.close();
+    let close = AsyncGuard::close(guard);
     send(&close);
     send(&custodian::rt::scope(|s| async move {
         s.defer(async {});
         Ok::<_, io::Error>(())
     }));
-    let stack = AsyncCleanupStack::new();
-    send(&stack);
-    send(&stack.close());
     rt.block_on(close).unwrap();
+}
+
+/// An `AsyncCleanupStack` is `Sync` even when its futures are not (one here holds a
+/// `Cell` across an `.await`), so it can sit in state shared through an `Arc`; its
+/// futures are only reached through `&mut self`.
+#[test]
+fn an_async_stack_is_sync_and_can_be_shared_through_an_arc() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+    let rt = current_thread();
+    let ran = Arc::new(AtomicBool::new(false));
+    let mut stack = AsyncCleanupStack::new();
+    let r = Arc::clone(&ran);
+    stack.defer(async move {
+        let not_sync = std::cell::Cell::new(1);
+        tokio::task::yield_now().await;
+        r.store(not_sync.get() == 1, SeqCst);
+    });
+    send_sync(&stack);
+    let shared = Arc::new(stack);
+    let other = Arc::clone(&shared);
+    assert_eq!(std::thread::spawn(move || other.len()).join().unwrap(), 1);
+    let stack = Arc::try_unwrap(shared).expect("the other thread is done");
+    let close = stack.close();
+    send(&close);
+    rt.block_on(close).unwrap();
+    assert!(ran.load(SeqCst));
 }
 
 // ---------------------------------------------------------------- exactly once
@@ -92,7 +118,7 @@ fn close_runs_the_cleanup_once_and_returns_its_error() {
     on_both_runtimes(|| async {
         let reaper = Reaper::new();
         let runs = Arc::new(AtomicUsize::new(0));
-        counting(&reaper, &runs).close().await.unwrap();
+        AsyncGuard::close(counting(&reaper, &runs)).await.unwrap();
         assert_eq!(runs.load(SeqCst), 1);
 
         let guard = AsyncGuard::with_reaper(&reaper, 7, |n| async move {
@@ -101,16 +127,48 @@ fn close_runs_the_cleanup_once_and_returns_its_error() {
                 format!("peer {n} gone"),
             ))
         });
-        let err = guard.close().await.unwrap_err();
-        let io_err = err
-            .downcast_ref::<io::Error>()
-            .expect("the original error type");
+        // The cleanup's own error type, no downcast needed.
+        let io_err: io::Error = AsyncGuard::close(guard).await.unwrap_err();
         assert_eq!(io_err.kind(), io::ErrorKind::BrokenPipe);
         assert_eq!(io_err.to_string(), "peer 7 gone");
 
         let report = reaper.shutdown(LONG).await;
         assert_eq!(runs.load(SeqCst), 1, "never again after close");
         assert_eq!((report.completed(), report.failed()), (0, 0));
+    });
+}
+
+/// `close` is an associated function: a `close` method of the guarded value (a pool's,
+/// a websocket's) stays reachable through `Deref`; the guard's own is
+/// `AsyncGuard::close(guard)`.
+#[test]
+fn the_values_own_close_method_is_not_hidden() {
+    struct Pool {
+        closed: AtomicBool,
+    }
+    impl Pool {
+        fn close(&self) -> &'static str {
+            self.closed.store(true, SeqCst);
+            "pool closed"
+        }
+    }
+    on_both_runtimes(|| async {
+        let reaper = Reaper::new();
+        let cleaned = Arc::new(AtomicBool::new(false));
+        let c = Arc::clone(&cleaned);
+        let pool = Pool {
+            closed: AtomicBool::new(false),
+        };
+        let guard = AsyncGuard::with_reaper(&reaper, pool, move |pool| async move {
+            assert!(pool.closed.load(SeqCst), "Pool::close ran first");
+            c.store(true, SeqCst);
+            Ok::<_, io::Error>(())
+        });
+        assert_eq!(guard.close(), "pool closed"); // Pool::close, through Deref
+        assert!(!cleaned.load(SeqCst), "the guard's cleanup has not run yet");
+        AsyncGuard::close(guard).await.unwrap();
+        assert!(cleaned.load(SeqCst));
+        assert!(reaper.shutdown(LONG).await.is_clean());
     });
 }
 
@@ -233,7 +291,7 @@ fn a_cancelled_close_finishes_on_the_reaper_exactly_once() {
             },
         );
         assert!(
-            tokio::time::timeout(Duration::from_millis(10), guard.close())
+            tokio::time::timeout(Duration::from_millis(10), AsyncGuard::close(guard))
                 .await
                 .is_err()
         );
@@ -587,7 +645,7 @@ fn a_guard_created_outside_a_runtime_and_dropped_in_one_runs_there() {
         drop(dropped);
         // A close cancelled midway is finished on this runtime too.
         assert!(
-            tokio::time::timeout(Duration::from_millis(5), closed.close())
+            tokio::time::timeout(Duration::from_millis(5), AsyncGuard::close(closed))
                 .await
                 .is_err()
         );
@@ -777,7 +835,7 @@ fn scope_enter_closes_guards_in_order_and_collects_their_errors() {
         .await
         .unwrap();
         assert_eq!(runs.load(SeqCst), 0);
-        guard.close().await.unwrap();
+        AsyncGuard::close(guard).await.unwrap();
         assert_eq!(runs.load(SeqCst), 1);
     });
 }
@@ -900,7 +958,10 @@ fn a_dropped_or_cancelled_stack_hands_its_cleanups_to_the_reaper() {
 #[test]
 fn sigterm_and_sigint_drain_the_reaper() {
     multi_thread().block_on(async {
-        for (flag, expected) in [("-TERM", Signal::Terminate), ("-INT", Signal::Interrupt)] {
+        for (flag, expected) in [
+            ("-TERM", ShutdownSignal::Terminate),
+            ("-INT", ShutdownSignal::Interrupt),
+        ] {
             let reaper = Reaper::new();
             let runs = Arc::new(AtomicUsize::new(0));
             drop(counting(&reaper, &runs));

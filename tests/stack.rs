@@ -265,3 +265,23 @@ fn cleanup_error_cause_reads_the_same_for_errors_and_panics() {
         );
     }
 }
+
+/// A `CleanupStack` is `Sync` even when its closures are not (one here owns a `Cell`),
+/// so it can sit in state shared through an `Arc`: through `&self` it gives only its
+/// length; closures are only run through `&mut self` or by value.
+#[test]
+fn a_stack_is_sync_and_can_be_shared_through_an_arc() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    let ran = Arc::new(AtomicUsize::new(0));
+    let mut stack = CleanupStack::new();
+    let not_sync = std::cell::Cell::new(7);
+    let r = Arc::clone(&ran);
+    stack.defer(move || r.store(not_sync.get(), Ordering::SeqCst));
+    send_sync(&stack);
+    let shared = Arc::new(stack);
+    let other = Arc::clone(&shared);
+    assert_eq!(std::thread::spawn(move || other.len()).join().unwrap(), 1);
+    let stack = Arc::try_unwrap(shared).expect("the other thread is done");
+    stack.close().unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), 7);
+}

@@ -282,7 +282,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         // Shutting down: the reaper says goodbye, and its drain report counts it.
         Ok(End::Stop) => drop(conn),
         Ok(End::Quit) => {
-            if let Err(e) = conn.close().await {
+            if let Err(e) = AsyncGuard::close(conn).await {
                 tracing::debug!("goodbye to {peer}: {e}");
             }
         }

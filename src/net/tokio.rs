@@ -247,7 +247,8 @@ static TCP_KIND: Kind = Kind::new("custodian::net::AsyncTcpStreamGuard");
 
 impl GracefulClose {
     /// Guards a tokio `stream` with this graceful close as its async cleanup:
-    /// `close().await` runs it and returns its error; dropped without `close` (an early
+    /// [`AsyncGuard::close(guard).await`](AsyncGuard::close) runs it and returns its
+    /// `io::Error`; dropped without `close` (an early
     /// return, `?`, a cancelled future), the guard hands it to the
     /// [`Reaper`](crate::rt::Reaper), so the peer still gets every byte written.
     ///
@@ -274,7 +275,7 @@ impl GracefulClose {
     /// ```
     #[track_caller]
     #[must_use = "dropping the guard hands the graceful close to the reaper at once"]
-    pub fn guard_async(&self, stream: TcpStream) -> AsyncGuard<TcpStream> {
+    pub fn guard_async(&self, stream: TcpStream) -> AsyncGuard<TcpStream, io::Error> {
         let how = *self;
         let resource = format!("TCP connection to {}", Peer(stream.peer_addr().ok()));
         AsyncGuard::builder()

@@ -88,7 +88,7 @@ static KIND: Kind = Kind::new("custodian::pg::PgLock");
 /// [`check_interval`]: super::PgLockOptions::check_interval
 #[must_use = "dropping a PgLock releases the lock at once"]
 pub struct PgLock {
-    guard: AsyncGuard<Held>,
+    guard: AsyncGuard<Held, io::Error>,
     lost: CancellationToken,
     cause: Arc<OnceLock<LostCause>>,
     key: LockKey,
@@ -298,13 +298,7 @@ impl PgLock {
             guard, stop_watch, ..
         } = self;
         drop(stop_watch);
-        guard
-            .close()
-            .await
-            .map_err(|e| match e.downcast::<io::Error>() {
-                Ok(e) => *e,
-                Err(e) => io::Error::other(e),
-            })
+        AsyncGuard::close(guard).await
     }
 
     /// Unlocks and gives the session back, to take the next lock without reconnecting.

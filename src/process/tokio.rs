@@ -45,7 +45,7 @@ static KIND: Kind = Kind::new("custodian::process::AsyncChildGuard");
 pub struct AsyncChildGuard {
     /// The child, with its stop as the async cleanup that a dropped guard hands to the
     /// reaper.
-    inner: AsyncGuard<ChildState>,
+    inner: AsyncGuard<ChildState, io::Error>,
 }
 
 /// What the stop needs; `status` is set once the child is reaped, after which it is

@@ -6,15 +6,15 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::ops::{Deref, DerefMut};
-use std::panic::{AssertUnwindSafe, Location, catch_unwind, resume_unwind};
+use std::panic::Location;
 use std::pin::Pin;
-use std::sync::{Mutex, PoisonError};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
+use sync_wrapper::SyncWrapper;
 use tokio::runtime::Handle;
 
 use super::AsyncClose;
-use super::reaper::{FutureJob, InnerRef, Job, Owner, Reaper, ReaperRef};
+use super::reaper::{FutureJob, Job, Owner, Reaper, ReaperRef};
 use crate::error::{BoxError, CleanupError, CleanupErrors};
 use crate::ledger::{Kind, Ticket};
 
@@ -23,7 +23,8 @@ static KIND: Kind = Kind::new("custodian::rt::AsyncGuard");
 pub(crate) type BoxFuture<O> = Pin<Box<dyn Future<Output = O> + Send>>;
 type Fallback<T> = Box<dyn FnOnce(T) + Send>;
 
-/// A value with an async cleanup: `close(self).await` runs it and returns its error;
+/// A value with an async cleanup: [`AsyncGuard::close(guard).await`](AsyncGuard::close)
+/// runs it and returns its error (of the cleanup's own type `E`);
 /// dropped without `close` (an early return, `?`, a panic, a cancelled future), the
 /// guard hands the cleanup to its [`Reaper`], which runs it to completion on the
 /// runtime, shielded from the cancelled caller, and reports its error.
@@ -50,73 +51,110 @@ type Fallback<T> = Box<dyn FnOnce(T) + Send>;
 ///     s.shutdown().await
 /// });
 /// conn.write_all(b"hello\n").await?; // Deref to the stream
-/// conn.close().await?; // the goodbye, with its error
+/// AsyncGuard::close(conn).await?; // the goodbye, with its io::Error
 /// # Ok::<(), custodian::BoxError>(())
 /// # }).unwrap();
 /// ```
+///
+/// `E` is the cleanup's error type, returned by [`close`](AsyncGuard::close) as it is.
 #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
-pub struct AsyncGuard<T: Send + 'static> {
+pub struct AsyncGuard<T: Send + 'static, E: 'static = BoxError> {
     /// `Some` until `close`, `into_inner` or `Drop` takes it.
-    parts: Option<Parts<T>>,
+    parts: Option<Parts<T, E>>,
 }
 
-struct Parts<T: Send + 'static> {
+struct Parts<T: Send + 'static, E: 'static> {
     value: T,
-    /// Never locked: taken out by value with `Mutex::into_inner`, which costs nothing.
-    /// It is there so that the guard is `Sync` when `T` is (a `&AsyncGuard` can be held
-    /// across an `.await` in a spawned task) without asking the closures to be `Sync`:
-    /// nothing reaches them through a shared reference.
-    erased: Mutex<Erased<T>>,
-    owner: Owner,
+    ticket: Ticket,
+    /// The runtime current at creation (or given to the builder), where a dropped
+    /// guard's cleanup runs.
     handle: Option<Handle>,
-    reaper: ReaperRef,
+    /// In a `SyncWrapper`, which only ever gives its content by value or through `&mut`:
+    /// the guard is `Sync` when `T` is (a `&AsyncGuard` can be held across an `.await`
+    /// in a spawned task) without asking the closures to be `Sync`.
+    rest: SyncWrapper<Rest<T, E>>,
 }
 
-struct Erased<T> {
-    cleanup: Box<dyn Cleanup<T>>,
+struct Rest<T, E> {
+    /// The cleanup closure with its type erased; a closure that captures nothing (the
+    /// usual case: the value is its argument) is not allocated.
+    cleanup: Box<dyn Cleanup<T, E>>,
+    /// What the builder set beyond the kind and the runtime; `None` (no allocation) for
+    /// `AsyncGuard::new`.
+    options: Option<Box<Options<T>>>,
+}
+
+/// The builder's rarer settings.
+struct Options<T> {
+    resource: Option<Cow<'static, str>>,
+    reaper: ReaperRef,
     fallback: Option<Fallback<T>>,
 }
 
-impl<T> Erased<T> {
-    fn take(erased: Mutex<Erased<T>>) -> Erased<T> {
-        erased.into_inner().unwrap_or_else(PoisonError::into_inner)
+/// Who owns a cleanup that goes to the reaper: its ticket and what the events call the
+/// resource.
+fn owner<T>(ticket: Ticket, resource: Option<Cow<'static, str>>) -> Owner {
+    Owner::new(ticket, resource.unwrap_or(Cow::Borrowed(type_name::<T>())))
+}
+
+/// Splits the builder's settings into what each path needs.
+fn unpack<T>(
+    options: Option<Box<Options<T>>>,
+) -> (Option<Cow<'static, str>>, ReaperRef, Option<Fallback<T>>) {
+    match options {
+        None => (None, ReaperRef::Global, None),
+        Some(o) => {
+            let Options {
+                resource,
+                reaper,
+                fallback,
+            } = *o;
+            (resource, reaper, fallback)
+        }
     }
 }
 
-/// The cleanup closure with its types erased, so that the guard is `AsyncGuard<T>`
+/// The cleanup closure with its types erased, so that the guard is `AsyncGuard<T, E>`
 /// whatever the closure and its future are. `defer` is monomorphised: the future is
 /// spawned as it is, not boxed.
-trait Cleanup<T>: Send {
-    fn call(self: Box<Self>, value: T) -> BoxFuture<Result<(), BoxError>>;
-    fn defer(self: Box<Self>, value: T, ctx: DeferCtx<T>);
+trait Cleanup<T, E>: Send {
+    fn call(self: Box<Self>, value: T) -> BoxFuture<Result<(), E>>;
+    fn defer(
+        self: Box<Self>,
+        value: T,
+        handle: Option<Handle>,
+        ticket: Ticket,
+        options: Option<Box<Options<T>>>,
+    );
 }
 
-struct DeferCtx<T> {
-    fallback: Option<Fallback<T>>,
-    reaper: InnerRef,
-    handle: Option<Handle>,
-    owner: Owner,
-}
-
-impl<T, F, Fut, E> Cleanup<T> for F
+impl<T, F, Fut, E> Cleanup<T, E> for F
 where
     T: Send + 'static,
     F: FnOnce(T) -> Fut + Send + 'static,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
-    E: Into<BoxError>,
+    E: Into<BoxError> + 'static,
 {
-    fn call(self: Box<Self>, value: T) -> BoxFuture<Result<(), BoxError>> {
-        let fut = (*self)(value);
-        Box::pin(async move { fut.await.map_err(Into::into) })
+    fn call(self: Box<Self>, value: T) -> BoxFuture<Result<(), E>> {
+        Box::pin((*self)(value))
     }
 
-    fn defer(self: Box<Self>, value: T, ctx: DeferCtx<T>) {
+    fn defer(
+        self: Box<Self>,
+        value: T,
+        handle: Option<Handle>,
+        ticket: Ticket,
+        options: Option<Box<Options<T>>>,
+    ) {
+        let (resource, reaper, fallback) = unpack(options);
+        let owner = owner::<T>(ticket, resource);
+        owner.ticket.dropped_without_close(&owner.resource);
         let job = GuardJob {
             value,
             cleanup: *self,
-            fallback: ctx.fallback,
+            fallback,
         };
-        ctx.reaper.spawn_job(ctx.handle, ctx.owner, job);
+        reaper.spawn_job(handle, owner, job);
     }
 }
 
@@ -162,58 +200,6 @@ where
 }
 
 impl<T: Send + 'static> AsyncGuard<T> {
-    /// Guards `value` with an async `cleanup`, run by [`close`](AsyncGuard::close) or,
-    /// if the guard is dropped, by the process-wide [`Reaper::global`].
-    ///
-    /// The cleanup's future must be `Send + 'static` (it may run in another task) and
-    /// its error convert into [`BoxError`].
-    ///
-    /// ```
-    /// use custodian::rt::AsyncGuard;
-    ///
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let lock = AsyncGuard::new("job-42", |name| async move {
-    ///     println!("unlocking {name}");
-    ///     Ok::<_, std::io::Error>(())
-    /// });
-    /// assert_eq!(*lock, "job-42");
-    /// lock.close().await.unwrap();
-    /// # });
-    /// ```
-    #[track_caller]
-    #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
-    pub fn new<F, Fut, E>(value: T, cleanup: F) -> AsyncGuard<T>
-    where
-        F: FnOnce(T) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: Into<BoxError>,
-    {
-        AsyncGuard::builder().build(value, cleanup)
-    }
-
-    /// Like [`new`](AsyncGuard::new), with the dropped guard's cleanup handed to
-    /// `reaper` instead of the global one.
-    ///
-    /// ```
-    /// use custodian::rt::{AsyncGuard, Reaper};
-    ///
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let reaper = Reaper::new();
-    /// drop(AsyncGuard::with_reaper(&reaper, (), |()| async { Ok::<_, std::io::Error>(()) }));
-    /// assert_eq!(reaper.shutdown(std::time::Duration::from_secs(5)).await.completed(), 1);
-    /// # });
-    /// ```
-    #[track_caller]
-    #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
-    pub fn with_reaper<F, Fut, E>(reaper: &Reaper, value: T, cleanup: F) -> AsyncGuard<T>
-    where
-        F: FnOnce(T) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: Into<BoxError>,
-    {
-        AsyncGuard::builder().reaper(reaper).build(value, cleanup)
-    }
-
     /// Options beyond the cleanup: the ledger kind, a description of the resource for
     /// events, the reaper, the runtime, and a synchronous fallback. Guards built on
     /// `AsyncGuard` (an async socket, a child process) use it to report under their own
@@ -232,7 +218,7 @@ impl<T: Send + 'static> AsyncGuard<T> {
     ///     .fallback(|id: u32| eprintln!("session {id}: no runtime left, logged out locally"))
     ///     .build(7u32, |id| async move { Ok::<_, std::io::Error>(()) });
     /// assert_eq!(custodian::ledger::snapshot().get("myapp::Session").live(), 1);
-    /// session.close().await.unwrap();
+    /// AsyncGuard::close(session).await.unwrap();
     /// # });
     /// ```
     pub fn builder() -> AsyncGuardBuilder<T> {
@@ -245,12 +231,95 @@ impl<T: Send + 'static> AsyncGuard<T> {
             fallback: None,
         }
     }
+}
+
+impl<T: Send + 'static, E: Into<BoxError> + 'static> AsyncGuard<T, E> {
+    /// Guards `value` with an async `cleanup`, run by [`close`](AsyncGuard::close) or,
+    /// if the guard is dropped, by the process-wide [`Reaper::global`].
+    ///
+    /// The cleanup's future must be `Send + 'static` (it may run in another task). Its
+    /// error type `E` is the guard's: [`close`](AsyncGuard::close) returns it as it is,
+    /// and it must convert into [`BoxError`] only for the report of a dropped guard's
+    /// cleanup. (`AsyncGuard<T>` alone names `AsyncGuard<T, BoxError>`: a field that
+    /// holds a guard with an `io::Error` cleanup is an `AsyncGuard<T, io::Error>`.)
+    ///
+    /// ```
+    /// use custodian::rt::AsyncGuard;
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let lock = AsyncGuard::new("job-42", |name| async move {
+    ///     println!("unlocking {name}");
+    ///     Ok::<_, std::io::Error>(())
+    /// });
+    /// assert_eq!(*lock, "job-42");
+    /// AsyncGuard::close(lock).await.unwrap();
+    /// # });
+    /// ```
+    #[track_caller]
+    #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
+    pub fn new<F, Fut>(value: T, cleanup: F) -> AsyncGuard<T, E>
+    where
+        F: FnOnce(T) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+    {
+        AsyncGuard::make(
+            Ticket::new(&KIND),
+            value,
+            Box::new(cleanup),
+            Handle::try_current().ok(),
+            None,
+        )
+    }
+
+    fn make(
+        ticket: Ticket,
+        value: T,
+        cleanup: Box<dyn Cleanup<T, E>>,
+        handle: Option<Handle>,
+        options: Option<Box<Options<T>>>,
+    ) -> AsyncGuard<T, E> {
+        AsyncGuard {
+            parts: Some(Parts {
+                value,
+                ticket,
+                handle,
+                rest: SyncWrapper::new(Rest { cleanup, options }),
+            }),
+        }
+    }
+
+    /// Like [`new`](AsyncGuard::new), with the dropped guard's cleanup handed to
+    /// `reaper` instead of the global one.
+    ///
+    /// ```
+    /// use custodian::rt::{AsyncGuard, Reaper};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let reaper = Reaper::new();
+    /// drop(AsyncGuard::with_reaper(&reaper, (), |()| async { Ok::<_, std::io::Error>(()) }));
+    /// assert_eq!(reaper.shutdown(std::time::Duration::from_secs(5)).await.completed(), 1);
+    /// # });
+    /// ```
+    #[track_caller]
+    #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
+    pub fn with_reaper<F, Fut>(reaper: &Reaper, value: T, cleanup: F) -> AsyncGuard<T, E>
+    where
+        F: FnOnce(T) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+    {
+        AsyncGuard::builder().reaper(reaper).build(value, cleanup)
+    }
 
     /// Runs the cleanup now and returns its error. This is the normal way to end a
     /// guard.
     ///
+    /// An associated function, not a method (`AsyncGuard::close(guard)`), so that it
+    /// does not hide a `close` method of `T` (a websocket's, a pool's) reached through
+    /// `Deref`.
+    ///
     /// # Errors
-    /// The cleanup's error, boxed (downcast it to get the original type back).
+    /// The cleanup's own error, of its own type `E` (an `io::Error` keeps its `kind()`;
+    /// nothing to downcast).
     ///
     /// # Panics
     /// A panic in the cleanup goes on to the caller (it is not handed to the reaper).
@@ -265,44 +334,36 @@ impl<T: Send + 'static> AsyncGuard<T> {
     /// use custodian::rt::AsyncGuard;
     ///
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let guard = AsyncGuard::new((), |()| async { Err::<(), _>("unlock refused") });
-    /// let err = guard.close().await.unwrap_err();
-    /// assert_eq!(err.to_string(), "unlock refused");
+    /// let guard = AsyncGuard::new((), |()| async {
+    ///     Err::<(), _>(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "unlock refused"))
+    /// });
+    /// let err: std::io::Error = AsyncGuard::close(guard).await.unwrap_err();
+    /// assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
     /// # });
     /// ```
-    pub async fn close(mut self) -> Result<(), BoxError> {
-        let Some(parts) = self.parts.take() else {
+    pub async fn close(mut guard: AsyncGuard<T, E>) -> Result<(), E> {
+        let Some(Parts {
+            value,
+            ticket,
+            handle,
+            rest,
+        }) = guard.parts.take()
+        else {
             return Ok(());
         };
-        let Parts {
-            value,
-            erased,
-            owner,
-            handle,
-            reaper,
-        } = parts;
-        let mut in_flight = InFlight {
-            fut: Some(Erased::take(erased).cleanup.call(value)),
-            owner: Some(owner),
-            handle,
-            reaper,
+        let Rest { cleanup, options } = rest.into_inner();
+        // The fallback goes: once the cleanup has the value, it is of no use.
+        let (resource, reaper, _) = unpack(options);
+        let mut closing = Closing {
+            left: Some(Left {
+                fut: cleanup.call(value),
+                owner: owner::<T>(ticket, resource),
+                handle,
+                reaper,
+            }),
+            polling: false,
         };
-        let result = poll_fn(|cx| {
-            let Some(fut) = in_flight.fut.as_mut() else {
-                return Poll::Ready(Ok(()));
-            };
-            match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
-                Ok(poll) => poll,
-                Err(payload) => {
-                    // A panicked future is never polled again, nor handed on.
-                    in_flight.fut = None;
-                    resume_unwind(payload)
-                }
-            }
-        })
-        .await;
-        in_flight.fut = None;
-        result
+        poll_fn(|cx| closing.poll(cx)).await
     }
 
     /// Takes the value out without running the cleanup.
@@ -318,43 +379,75 @@ impl<T: Send + 'static> AsyncGuard<T> {
     /// assert_eq!(AsyncGuard::into_inner(guard), 5);
     /// # });
     /// ```
-    pub fn into_inner(mut guard: AsyncGuard<T>) -> T {
+    pub fn into_inner(mut guard: AsyncGuard<T, E>) -> T {
         match guard.parts.take() {
             Some(parts) => parts.value,
             // `parts` is `Some` for the whole life of a guard the caller can hold.
             None => unreachable!("AsyncGuard used after it was consumed"),
         }
     }
-
-    fn parts(&self) -> &Parts<T> {
-        match &self.parts {
-            Some(p) => p,
-            None => unreachable!("AsyncGuard used after it was consumed"),
-        }
-    }
 }
 
-/// The rest of an interrupted `close`: handed to the reaper if the `close` future is
-/// dropped before it finished.
-struct InFlight {
-    fut: Option<BoxFuture<Result<(), BoxError>>>,
-    owner: Option<Owner>,
+/// A `close` under way. If it is dropped before the cleanup finished (a `select!`, a
+/// `timeout`, an aborted task), the rest of the cleanup goes to the reaper.
+struct Closing<E: Into<BoxError> + 'static> {
+    /// `Some` until the cleanup finished.
+    left: Option<Left<E>>,
+    /// Set while the cleanup is polled: a `Closing` dropped then is unwinding from a
+    /// panic in the cleanup, which is never polled again nor handed on.
+    polling: bool,
+}
+
+/// What a started cleanup needs to go on in the reaper.
+struct Left<E> {
+    fut: BoxFuture<Result<(), E>>,
+    owner: Owner,
     handle: Option<Handle>,
     reaper: ReaperRef,
 }
 
-impl Drop for InFlight {
+impl<E: Into<BoxError> + 'static> Closing<E> {
+    #[inline]
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
+        let Some(left) = &mut self.left else {
+            return Poll::Ready(Ok(()));
+        };
+        self.polling = true;
+        let poll = left.fut.as_mut().poll(cx);
+        self.polling = false;
+        if poll.is_ready() {
+            self.left = None;
+        }
+        poll
+    }
+}
+
+impl<E: Into<BoxError> + 'static> Drop for Closing<E> {
     fn drop(&mut self) {
-        if let (Some(fut), Some(owner)) = (self.fut.take(), self.owner.take()) {
-            owner.ticket.dropped_without_close(&owner.resource);
-            self.reaper
-                .inner()
-                .spawn_job(self.handle.take(), owner, FutureJob(fut));
+        if self.polling {
+            return;
+        }
+        if let Some(left) = self.left.take() {
+            left.hand_off();
         }
     }
 }
 
-impl<T: Send + 'static> Drop for AsyncGuard<T> {
+impl<E: Into<BoxError> + 'static> Left<E> {
+    #[cold]
+    fn hand_off(self) {
+        let Left {
+            fut,
+            owner,
+            handle,
+            reaper,
+        } = self;
+        owner.ticket.dropped_without_close(&owner.resource);
+        reaper.spawn_job(handle, owner, FutureJob(fut));
+    }
+}
+
+impl<T: Send + 'static, E: 'static> Drop for AsyncGuard<T, E> {
     fn drop(&mut self) {
         if let Some(parts) = self.parts.take() {
             parts.defer();
@@ -362,23 +455,29 @@ impl<T: Send + 'static> Drop for AsyncGuard<T> {
     }
 }
 
-impl<T: Send + 'static> Parts<T> {
-    fn defer(self) {
-        self.owner
-            .ticket
-            .dropped_without_close(&self.owner.resource);
-        let Erased { cleanup, fallback } = Erased::take(self.erased);
-        let ctx = DeferCtx {
-            fallback,
-            reaper: self.reaper.inner(),
-            handle: self.handle,
-            owner: self.owner,
-        };
-        cleanup.defer(self.value, ctx);
+impl<T: Send + 'static, E: 'static> AsyncGuard<T, E> {
+    fn parts(&self) -> &Parts<T, E> {
+        match &self.parts {
+            Some(p) => p,
+            None => unreachable!("AsyncGuard used after it was consumed"),
+        }
     }
 }
 
-impl<T: Send + 'static> Deref for AsyncGuard<T> {
+impl<T: Send + 'static, E: 'static> Parts<T, E> {
+    fn defer(self) {
+        let Parts {
+            value,
+            ticket,
+            handle,
+            rest,
+        } = self;
+        let Rest { cleanup, options } = rest.into_inner();
+        cleanup.defer(value, handle, ticket, options);
+    }
+}
+
+impl<T: Send + 'static, E: 'static> Deref for AsyncGuard<T, E> {
     type Target = T;
 
     fn deref(&self) -> &T {
@@ -386,7 +485,7 @@ impl<T: Send + 'static> Deref for AsyncGuard<T> {
     }
 }
 
-impl<T: Send + 'static> DerefMut for AsyncGuard<T> {
+impl<T: Send + 'static, E: 'static> DerefMut for AsyncGuard<T, E> {
     fn deref_mut(&mut self) -> &mut T {
         match &mut self.parts {
             Some(p) => &mut p.value,
@@ -396,21 +495,21 @@ impl<T: Send + 'static> DerefMut for AsyncGuard<T> {
 }
 
 /// Closing the guard runs its cleanup ([`AsyncGuard::close`]).
-impl<T: Send + 'static> AsyncClose for AsyncGuard<T> {
-    type Error = BoxError;
+impl<T: Send + 'static, E: Into<BoxError> + 'static> AsyncClose for AsyncGuard<T, E> {
+    type Error = E;
 
-    fn close(self) -> impl Future<Output = Result<(), BoxError>> + Send {
+    fn close(self) -> impl Future<Output = Result<(), E>> + Send {
         AsyncGuard::close(self)
     }
 }
 
-impl<T: Send + 'static + fmt::Debug> fmt::Debug for AsyncGuard<T> {
+impl<T: Send + 'static + fmt::Debug, E: 'static> fmt::Debug for AsyncGuard<T, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let parts = self.parts();
         f.debug_struct("AsyncGuard")
             .field("value", &parts.value)
-            .field("kind", &parts.owner.ticket.kind())
-            .field("site", &format_args!("{}", parts.owner.ticket.site()))
+            .field("kind", &parts.ticket.kind())
+            .field("site", &format_args!("{}", parts.ticket.site()))
             .finish()
     }
 }
@@ -514,37 +613,31 @@ impl<T: Send + 'static> AsyncGuardBuilder<T> {
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// let guard = custodian::rt::AsyncGuard::builder()
     ///     .build(String::from("x"), |s| async move { Ok::<_, std::io::Error>(()) });
-    /// guard.close().await.unwrap();
+    /// custodian::rt::AsyncGuard::close(guard).await.unwrap();
     /// # });
     /// ```
     #[track_caller]
     #[must_use = "dropping an AsyncGuard at once hands its cleanup to the reaper right away"]
-    pub fn build<F, Fut, E>(self, value: T, cleanup: F) -> AsyncGuard<T>
+    pub fn build<F, Fut, E>(self, value: T, cleanup: F) -> AsyncGuard<T, E>
     where
         F: FnOnce(T) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: Into<BoxError>,
+        E: Into<BoxError> + 'static,
     {
-        let site = match self.site {
-            Some(site) => site,
-            None => Location::caller(),
+        let ticket = match self.site {
+            Some(site) => Ticket::at(self.kind, site),
+            None => Ticket::new(self.kind),
         };
-        let ticket = Ticket::at(self.kind, site);
-        AsyncGuard {
-            parts: Some(Parts {
-                value,
-                erased: Mutex::new(Erased {
-                    cleanup: Box::new(cleanup),
-                    fallback: self.fallback,
-                }),
-                owner: Owner::new(
-                    ticket,
-                    self.resource.unwrap_or(Cow::Borrowed(type_name::<T>())),
-                ),
-                handle: self.handle.or_else(|| Handle::try_current().ok()),
-                reaper: self.reaper,
-            }),
-        }
+        let handle = self.handle.or_else(|| Handle::try_current().ok());
+        let options = match (self.resource, self.reaper, self.fallback) {
+            (None, ReaperRef::Global, None) => None,
+            (resource, reaper, fallback) => Some(Box::new(Options {
+                resource,
+                reaper,
+                fallback,
+            })),
+        };
+        AsyncGuard::make(ticket, value, Box::new(cleanup), handle, options)
     }
 }
 

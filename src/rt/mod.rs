@@ -74,5 +74,5 @@ pub use guard::{AsyncGuard, AsyncGuardBuilder};
 pub use reaper::{DrainReport, Reaper};
 pub use scope::{AsyncScope, Entered, scope};
 #[cfg(not(loom))]
-pub use signal::{ShutdownSignals, Signal, shutdown_on_signal};
+pub use signal::{ShutdownSignal, ShutdownSignals, shutdown_on_signal};
 pub use stack::AsyncCleanupStack;

@@ -187,7 +187,7 @@ impl Reaper {
         InnerRef::Shared(Arc::clone(&self.inner)).spawn_job(
             Handle::try_current().ok(),
             owner,
-            FutureJob(async move { cleanup.await.map_err(Into::into) }),
+            FutureJob(cleanup),
         );
     }
 
@@ -273,6 +273,16 @@ pub(crate) enum ReaperRef {
 }
 
 impl ReaperRef {
+    /// Runs `job` on the reaper: see [`InnerRef::spawn_job`].
+    #[inline]
+    pub(crate) fn spawn_job<J: Job>(self, handle: Option<Handle>, owner: Owner, job: J) {
+        match self {
+            ReaperRef::Global => InnerRef::Static(&Reaper::global().inner),
+            ReaperRef::Owned(r) => InnerRef::Shared(r.inner),
+        }
+        .spawn_job(handle, owner, job);
+    }
+
     /// The reaper's state, for one deferred cleanup.
     pub(crate) fn inner(&self) -> InnerRef {
         match self {
@@ -352,9 +362,10 @@ pub(crate) trait Job: Send + 'static {
 /// A job that is a single fallible future, with no fallback.
 pub(crate) struct FutureJob<F>(pub(crate) F);
 
-impl<F> Job for FutureJob<F>
+impl<F, E> Job for FutureJob<F>
 where
-    F: Future<Output = Result<(), BoxError>> + Send + 'static,
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError>,
 {
     type Fut = F;
 
@@ -363,13 +374,13 @@ where
     }
 
     fn errors(
-        output: Result<(), BoxError>,
+        output: Result<(), E>,
         label: &'static str,
         site: &'static Location<'static>,
     ) -> CleanupErrors {
         let mut errors = CleanupErrors::default();
         if let Err(e) = output {
-            errors.push(CleanupError::failed(label, site, e));
+            errors.push(CleanupError::failed(label, site, e.into()));
         }
         errors
     }

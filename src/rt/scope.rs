@@ -490,7 +490,7 @@ where
     /// })
     /// .await
     /// .unwrap();
-    /// guard.close().await.unwrap(); // still ours to close
+    /// AsyncGuard::close(guard).await.unwrap(); // still ours to close
     /// # });
     /// ```
     pub fn into_inner(mut entered: Entered<G>) -> G {

@@ -9,18 +9,18 @@ use super::{DrainReport, Reaper};
 /// The signal that asked the process to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum Signal {
+pub enum ShutdownSignal {
     /// SIGINT (Ctrl-C).
     Interrupt,
     /// SIGTERM (what `kill`, systemd and Kubernetes send). Unix only.
     Terminate,
 }
 
-impl fmt::Display for Signal {
+impl fmt::Display for ShutdownSignal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Signal::Interrupt => "SIGINT",
-            Signal::Terminate => "SIGTERM",
+            ShutdownSignal::Interrupt => "SIGINT",
+            ShutdownSignal::Terminate => "SIGTERM",
         })
     }
 }
@@ -100,19 +100,19 @@ impl ShutdownSignals {
     /// # Ok::<(), std::io::Error>(())
     /// # }).unwrap();
     /// ```
-    pub async fn recv(&mut self) -> Signal {
+    pub async fn recv(&mut self) -> ShutdownSignal {
         #[cfg(unix)]
         {
             tokio::select! {
-                Some(()) = self.interrupt.recv() => Signal::Interrupt,
-                Some(()) = self.terminate.recv() => Signal::Terminate,
+                Some(()) = self.interrupt.recv() => ShutdownSignal::Interrupt,
+                Some(()) = self.terminate.recv() => ShutdownSignal::Terminate,
                 else => std::future::pending().await,
             }
         }
         #[cfg(not(unix))]
         {
             match tokio::signal::ctrl_c().await {
-                Ok(()) => Signal::Interrupt,
+                Ok(()) => ShutdownSignal::Interrupt,
                 Err(_) => std::future::pending().await,
             }
         }
@@ -141,7 +141,11 @@ impl ShutdownSignals {
     /// # Ok::<(), std::io::Error>(())
     /// # }).unwrap();
     /// ```
-    pub async fn drain(mut self, reaper: &Reaper, timeout: Duration) -> (Signal, DrainReport) {
+    pub async fn drain(
+        mut self,
+        reaper: &Reaper,
+        timeout: Duration,
+    ) -> (ShutdownSignal, DrainReport) {
         let signal = self.recv().await;
         tracing::info!(target: "custodian", %signal, ?timeout, "shutting down: draining the reaper");
         (signal, reaper.shutdown(timeout).await)
@@ -178,6 +182,6 @@ impl ShutdownSignals {
 pub async fn shutdown_on_signal(
     reaper: &Reaper,
     timeout: Duration,
-) -> io::Result<(Signal, DrainReport)> {
+) -> io::Result<(ShutdownSignal, DrainReport)> {
     Ok(ShutdownSignals::new()?.drain(reaper, timeout).await)
 }

@@ -7,6 +7,7 @@ use std::mem;
 use std::panic::{AssertUnwindSafe, Location, catch_unwind};
 use std::task::Poll;
 
+use sync_wrapper::SyncWrapper;
 use tokio::runtime::Handle;
 
 use super::AsyncClose;
@@ -19,7 +20,9 @@ static KIND: Kind = Kind::new("custodian::rt::AsyncCleanupStack");
 
 /// One async cleanup waiting in a stack or a scope.
 pub(crate) struct Entry {
-    pub(crate) fut: BoxFuture<Result<(), BoxError>>,
+    /// In a `SyncWrapper`: the future is reached only through `&mut` or by value, so
+    /// the stacks and scopes holding entries are `Sync` without asking it to be.
+    pub(crate) fut: SyncWrapper<BoxFuture<Result<(), BoxError>>>,
     pub(crate) label: &'static str,
     pub(crate) site: &'static Location<'static>,
 }
@@ -30,12 +33,16 @@ impl Entry {
         label: &'static str,
         site: &'static Location<'static>,
     ) -> Entry {
-        Entry { fut, label, site }
+        Entry {
+            fut: SyncWrapper::new(fut),
+            label,
+            site,
+        }
     }
 
     /// Polls the entry once, turning a panic into an error.
     fn poll(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), CleanupError>> {
-        match catch_unwind(AssertUnwindSafe(|| self.fut.as_mut().poll(cx))) {
+        match catch_unwind(AssertUnwindSafe(|| self.fut.get_mut().as_mut().poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
             Ok(Poll::Ready(Err(e))) => {
