@@ -149,12 +149,27 @@ enum Wait {
 
 impl LockOptions {
     /// Exclusive, file removed on release.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let lock = custodian::fs::LockOptions::new().acquire(dir.path().join("job.lock"))?;
+    /// assert!(!lock.is_shared());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Whether the lock is shared (many holders at once, no exclusive one; no pid
     /// recorded) or exclusive (default).
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("cache.lock");
+    /// let reader = custodian::fs::LockFile::options().shared(true).acquire(&path)?;
+    /// assert!(reader.is_shared());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn shared(&mut self, shared: bool) -> &mut Self {
         self.shared = shared;
         self
@@ -163,12 +178,30 @@ impl LockOptions {
     /// Whether releasing the lock removes the file (default `true`) or only empties it
     /// (so that no stale pid is left in it). A shared holder removes the file only when it
     /// is the last holder.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("daemon.pid");
+    /// let lock = custodian::fs::LockFile::options().remove_on_release(false).acquire(&path)?;
+    /// lock.close()?;
+    /// assert_eq!(std::fs::read(&path)?, b""); // kept, emptied
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn remove_on_release(&mut self, remove: bool) -> &mut Self {
         self.remove = remove;
         self
     }
 
     /// Takes the lock, waiting as long as it takes.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("job.lock");
+    /// let lock = custodian::fs::LockFile::options().acquire(&path)?;
+    /// assert_eq!(custodian::fs::LockFile::owner_pid(&path)?, Some(std::process::id()));
+    /// lock.close()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     ///
     /// # Errors
     /// Opening, locking or writing the pid failed: a missing directory (`NotFound`), no
@@ -183,6 +216,19 @@ impl LockOptions {
 
     /// Takes the lock if it is free now; `Ok(Err(held))` if someone holds it, saying who
     /// ([`LockHeld::pid`]: the pid an exclusive holder recorded).
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("job.lock");
+    /// let options = custodian::fs::LockFile::options();
+    /// let held = options.try_acquire(&path)?.expect("free");
+    /// match options.try_acquire(&path)? {
+    ///     Ok(_) => unreachable!("held above"),
+    ///     Err(holder) => assert_eq!(holder.pid(), Some(std::process::id())),
+    /// }
+    /// # drop(held);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     ///
     /// # Errors
     /// As [`acquire`](Self::acquire); a lock held by someone else is not an error of the
@@ -245,6 +291,19 @@ impl LockOptions {
     }
 
     /// Takes the lock, waiting at most `timeout` (polling, with a backoff up to 50 ms).
+    ///
+    /// ```
+    /// use custodian::fs::{LockFile, LockHeld};
+    /// use std::time::Duration;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("job.lock");
+    /// let options = LockFile::options();
+    /// let _held = options.acquire(&path)?;
+    /// let err = options.acquire_timeout(&path, Duration::from_millis(20)).unwrap_err();
+    /// assert_eq!(LockHeld::of(&err).unwrap().pid(), Some(std::process::id()));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     ///
     /// # Errors
     /// As [`acquire`](Self::acquire), and when the lock is still held after `timeout`: an

@@ -514,7 +514,28 @@ impl<T: Send + 'static + fmt::Debug, E: 'static> fmt::Debug for AsyncGuard<T, E>
     }
 }
 
-/// Builds an [`AsyncGuard`] with options; made by [`AsyncGuard::builder`].
+/// Builds an [`AsyncGuard`] with options; made by [`AsyncGuard::builder`]: the ledger
+/// kind and the resource named in events, the reaper or runtime handle the dropped guard's
+/// cleanup goes to, and a fallback for when no runtime is left.
+///
+/// ```
+/// use custodian::ledger::Kind;
+/// use custodian::rt::{AsyncGuard, Reaper};
+///
+/// static SESSION: Kind = Kind::new("myapp::Session");
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let reaper = Reaper::new();
+/// let session = AsyncGuard::builder()
+///     .kind(&SESSION)
+///     .resource("session 42 on db-1")
+///     .reaper(&reaper)
+///     .fallback(|id: u32| eprintln!("session {id}: no runtime left, logged out locally"))
+///     .build(42u32, |id| async move { Ok::<_, std::io::Error>(()) /* log out `id` */ });
+/// drop(session); // the log-out runs on `reaper`
+/// assert_eq!(reaper.shutdown(std::time::Duration::from_secs(5)).await.completed(), 1);
+/// # });
+/// ```
 #[must_use = "a builder does nothing until `build`"]
 pub struct AsyncGuardBuilder<T> {
     kind: &'static Kind,

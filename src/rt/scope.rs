@@ -69,6 +69,24 @@ impl<E> Registered<E> {
 
 /// The handle a [`scope`] body registers its cleanups with. Cheap to clone; its methods
 /// take `&self`.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let log = Arc::new(Mutex::new(Vec::new()));
+/// let l = log.clone();
+/// custodian::rt::scope(|s| async move {
+///     let (a, b) = (l.clone(), l.clone());
+///     s.defer(async move { a.lock().unwrap().push("release") });
+///     s.on_success(async move { b.lock().unwrap().push("commit") });
+///     Ok::<_, std::io::Error>(())
+/// })
+/// .await?;
+/// assert_eq!(*log.lock().unwrap(), ["commit", "release"]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
 pub struct AsyncScope<E> {
     tx: mpsc::Sender<Registered<E>>,
     reaper: ReaperRef,
@@ -461,6 +479,24 @@ impl<E> fmt::Debug for AsyncScope<E> {
 
 /// A guard entered in an async [`scope`]: use it through `Deref`; when this handle drops,
 /// the guard goes back to the scope, which closes it at its end.
+///
+/// ```
+/// use tokio::io::AsyncWriteExt;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let addr = listener.local_addr()?;
+/// tokio::spawn(async move { drop(listener.accept().await) }); // a peer that hangs up
+/// custodian::rt::scope(|s| async move {
+///     let stream = tokio::net::TcpStream::connect(addr).await?;
+///     let mut conn = s.enter(stream); // closed gracefully when the scope ends
+///     conn.write_all(b"hello").await?;
+///     Ok::<_, std::io::Error>(())
+/// })
+/// .await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
 #[must_use = "dropping the handle at once gives the guard back to the scope, to be closed at its end"]
 pub struct Entered<G: AsyncClose + 'static>
 where

@@ -7,6 +7,19 @@ use std::time::Duration;
 use super::{DrainReport, Reaper};
 
 /// The signal that asked the process to stop.
+///
+/// ```no_run
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use custodian::rt::{ShutdownSignal, ShutdownSignals};
+///
+/// let mut signals = ShutdownSignals::new()?; // waits for a real SIGINT or SIGTERM
+/// match signals.recv().await {
+///     ShutdownSignal::Terminate => eprintln!("stopping: asked by the supervisor"),
+///     other => eprintln!("stopping on {other}"),
+/// }
+/// # Ok::<(), std::io::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ShutdownSignal {
