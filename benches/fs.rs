@@ -16,8 +16,8 @@
 //!   directory holding `files` other files; prints each scenario's median time per write
 //!   and the min and median over rounds of its ratio to the first scenario.
 //!
-//! Scenarios: `custodian`, `custodian-nosync`, `hand`, `hand-nosync`,
-//! `atomic-write-file`.
+//! Scenarios: `custodian`, `custodian-nosync`, `custodian-named` (a named temp file, as
+//! where `O_TMPFILE` is refused), `hand`, `hand-nosync`, `atomic-write-file`.
 
 use std::fs::{self, File, OpenOptions};
 use std::hint::black_box;
@@ -144,11 +144,22 @@ fn filled_dir(parent: &Path, files: usize) -> PathBuf {
     dir
 }
 
+/// One 4 KiB atomic write of `data` to a path.
+type Write4k = fn(&Path, &[u8]);
+
 /// One 4 KiB atomic write, by name (see the module docs).
-fn scenario(name: &str) -> fn(&Path, &[u8]) {
+fn scenario(name: &str) -> Write4k {
     match name {
         "custodian" => |p, d| custodian_atomic(p, d, true),
         "custodian-nosync" => |p, d| custodian_atomic(p, d, false),
+        "custodian-named" => |p, d| {
+            let mut file = AtomicFile::builder()
+                .named_temp_file(true)
+                .create(p)
+                .unwrap();
+            file.write_all(d).unwrap();
+            file.commit().unwrap();
+        },
         "hand" => |p, d| hand_written(p, d, true),
         "hand-nosync" => |p, d| hand_written(p, d, false),
         "atomic-write-file" => atomic_write_file,
@@ -176,7 +187,7 @@ fn rounds(args: &[String]) {
     let rounds: usize = args[0].parse().unwrap();
     let ops: u32 = args[1].parse().unwrap();
     let data = vec![0x5a_u8; 4096];
-    let specs: Vec<(String, fn(&Path, &[u8]), PathBuf)> = args[2..]
+    let specs: Vec<(String, Write4k, PathBuf)> = args[2..]
         .iter()
         .map(|spec| {
             let (name, files) = spec.split_once(':').unwrap_or((spec, "0"));

@@ -168,7 +168,11 @@ fn atomic_commit_removes_an_unfinished_publish_of_a_killed_writer() {
     let path = dir.path().join("state");
     fs::write(&path, "old").unwrap();
     let leftover = dir.path().join(".state.custodian.tmp");
-    fs::write(&leftover, "complete content of a writer killed while publishing").unwrap();
+    fs::write(
+        &leftover,
+        "complete content of a writer killed while publishing",
+    )
+    .unwrap();
     let mut file = AtomicFile::create(&path).unwrap();
     file.write_all(b"new").unwrap();
     file.commit().unwrap();

@@ -333,7 +333,9 @@ impl AtomicFile {
 
     /// Where the new content is staged until `commit`, for a named temp file; `None` for
     /// an unnamed one, which has no path (the default on Linux; see
-    /// [`AtomicFileBuilder::named_temp_file`]).
+    /// [`AtomicFileBuilder::named_temp_file`]). An unnamed one that a failed `commit`
+    /// already linked into the directory (`.<name>.custodian.tmp`) has that path from
+    /// then on.
     ///
     /// ```
     /// let dir = tempfile::tempdir()?;

@@ -202,16 +202,20 @@ impl Stage {
         let link_name = link_publish(file, staging, &self.name).map_err(|e| {
             Publish::Rename(path_error("cannot link the new content of", target, e))
         })?;
-        let staging_path = match &self.staging_path {
-            Some(path) => path.as_path(),
-            None => super::parent_dir(target),
-        };
-        let path = staging_path.join(&link_name);
-        self.named = Some((link_name, path));
+        // Its path is only needed if the commit fails (`temp_path`): made then.
+        self.named = Some((link_name, PathBuf::new()));
         if sync {
             file.sync_all().map_err(Publish::Sync)?;
         }
-        self.rename(target)
+        self.rename(target).inspect_err(|_| {
+            if let Some((name, path)) = &mut self.named {
+                let staging_path = match &self.staging_path {
+                    Some(staging) => staging.as_path(),
+                    None => super::parent_dir(target),
+                };
+                *path = staging_path.join(name);
+            }
+        })
     }
 
     /// `fsync`s the target's directory, so that the rename survives a power loss.
@@ -490,6 +494,7 @@ fn first_look(dir: &OwnedFd, prefix: &OsStr) -> bool {
     let Ok(stat) = rustix::fs::fstat(dir) else {
         return true;
     };
+    #[allow(clippy::unnecessary_cast)] // `st_dev` and `st_ino` are not `u64` everywhere
     let key = (
         stat.st_dev as u64,
         stat.st_ino as u64,
