@@ -92,11 +92,11 @@ fn atomic_in(c: &mut Criterion, fs_label: &str, dir: &Path) {
         group.bench_function("hand_written_tempfile", |b| {
             b.iter(|| hand_written(&path, black_box(&data), false))
         });
-        group.bench_function("custodian_AtomicFile_no_stale_scan", |b| {
+        group.bench_function("custodian_AtomicFile_named_temp_file", |b| {
             b.iter(|| {
                 let mut file = AtomicFile::builder()
                     .sync(false)
-                    .remove_stale(false)
+                    .named_temp_file(true)
                     .create(&path)
                     .unwrap();
                 file.write_all(black_box(&data)).unwrap();
