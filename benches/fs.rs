@@ -5,14 +5,28 @@
 //! `cargo bench --bench fs -- --warm-up-time 1 --measurement-time 3`.
 //! Files live in a temp dir on the default temp file system (`TMPDIR`), so the fsync
 //! figures are that disk's.
+//!
+//! Two more modes of the same binary (`target/release/deps/fs-HASH`) for the `AtomicFile`
+//! rows of BENCHMARKS.md:
+//! - `fs-HASH count <scenario> <N> [files]`: one 4 KiB atomic write of `<scenario>`, N
+//!   times, in a fresh directory of `/dev/shm` holding `files` other files, and nothing
+//!   else; under `strace -c -f`, (calls(N) - calls(0)) / N is the syscalls per write.
+//! - `fs-HASH rounds <R> <ops> <scenario>[:files]...`: R rounds, each timing `ops` writes
+//!   of every scenario in turn (A, B, C, A, B, C, ...), each in its own `/dev/shm`
+//!   directory holding `files` other files; prints each scenario's median time per write
+//!   and the min and median over rounds of its ratio to the first scenario.
+//!
+//! Scenarios: `custodian`, `custodian-nosync`, `custodian-named` (a named temp file, as
+//! where `O_TMPFILE` is refused), `hand`, `hand-nosync`, `atomic-write-file`.
 
 use std::fs::{self, File, OpenOptions};
 use std::hint::black_box;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group};
 use custodian::fs::{AtomicFile, CheckedFile, LockFile, TempDir};
 
 /// The hand-written peer: what careful code does without custodian.
@@ -78,11 +92,11 @@ fn atomic_in(c: &mut Criterion, fs_label: &str, dir: &Path) {
         group.bench_function("hand_written_tempfile", |b| {
             b.iter(|| hand_written(&path, black_box(&data), false))
         });
-        group.bench_function("custodian_AtomicFile_no_stale_scan", |b| {
+        group.bench_function("custodian_AtomicFile_named_temp_file", |b| {
             b.iter(|| {
                 let mut file = AtomicFile::builder()
                     .sync(false)
-                    .remove_stale(false)
+                    .named_temp_file(true)
                     .create(&path)
                     .unwrap();
                 file.write_all(black_box(&data)).unwrap();
@@ -90,6 +104,130 @@ fn atomic_in(c: &mut Criterion, fs_label: &str, dir: &Path) {
             })
         });
         group.finish();
+    }
+    if fs_label == "tmpfs" {
+        atomic_dir_size(c, dir);
+    }
+}
+
+/// The same 4 KiB commit in a directory of 0, 10 000 and 100 000 other files: the cost of
+/// a commit must not depend on what else the directory holds.
+fn atomic_dir_size(c: &mut Criterion, parent: &Path) {
+    let data = vec![0x5a_u8; 4096];
+    let mut group = c.benchmark_group("atomic_write_4KiB_tmpfs_dir");
+    group.sample_size(20);
+    for files in [0, 10_000, 100_000] {
+        let dir = filled_dir(parent, files);
+        let path = dir.join("target.bin");
+        fs::write(&path, &data).unwrap();
+        group.bench_function(format!("custodian_AtomicFile_{files}_files"), |b| {
+            b.iter(|| custodian_atomic(&path, black_box(&data), true))
+        });
+        group.bench_function(format!("hand_written_tempfile_{files}_files"), |b| {
+            b.iter(|| hand_written(&path, black_box(&data), true))
+        });
+        fs::remove_dir_all(&dir).unwrap();
+    }
+    group.finish();
+}
+
+/// A new directory in `parent` holding `files` empty files.
+fn filled_dir(parent: &Path, files: usize) -> PathBuf {
+    let dir = tempfile::Builder::new()
+        .prefix("dir")
+        .tempdir_in(parent)
+        .unwrap()
+        .keep();
+    for i in 0..files {
+        File::create(dir.join(format!("file-{i:06}"))).unwrap();
+    }
+    dir
+}
+
+/// One 4 KiB atomic write of `data` to a path.
+type Write4k = fn(&Path, &[u8]);
+
+/// One 4 KiB atomic write, by name (see the module docs).
+fn scenario(name: &str) -> Write4k {
+    match name {
+        "custodian" => |p, d| custodian_atomic(p, d, true),
+        "custodian-nosync" => |p, d| custodian_atomic(p, d, false),
+        "custodian-named" => |p, d| {
+            let mut file = AtomicFile::builder()
+                .named_temp_file(true)
+                .create(p)
+                .unwrap();
+            file.write_all(d).unwrap();
+            file.commit().unwrap();
+        },
+        "hand" => |p, d| hand_written(p, d, true),
+        "hand-nosync" => |p, d| hand_written(p, d, false),
+        "atomic-write-file" => atomic_write_file,
+        other => panic!("unknown scenario {other}"),
+    }
+}
+
+/// `count <scenario> <N> [files]`: N writes and nothing else, for `strace -c`.
+fn count(args: &[String]) {
+    let run = scenario(&args[0]);
+    let n: usize = args[1].parse().unwrap();
+    let files = args.get(2).map_or(0, |f| f.parse().unwrap());
+    let dir = filled_dir(Path::new("/dev/shm"), files);
+    let path = dir.join("target.bin");
+    let data = vec![0x5a_u8; 4096];
+    fs::write(&path, &data).unwrap();
+    for _ in 0..n {
+        run(&path, black_box(&data));
+    }
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `rounds <R> <ops> <scenario>[:files]...`: interleaved rounds (see the module docs).
+fn rounds(args: &[String]) {
+    let rounds: usize = args[0].parse().unwrap();
+    let ops: u32 = args[1].parse().unwrap();
+    let data = vec![0x5a_u8; 4096];
+    let specs: Vec<(String, Write4k, PathBuf)> = args[2..]
+        .iter()
+        .map(|spec| {
+            let (name, files) = spec.split_once(':').unwrap_or((spec, "0"));
+            let dir = filled_dir(Path::new("/dev/shm"), files.parse().unwrap());
+            let path = dir.join("target.bin");
+            fs::write(&path, &data).unwrap();
+            (spec.clone(), scenario(name), path)
+        })
+        .collect();
+    // ns per write, [scenario][round]
+    let mut times = vec![Vec::with_capacity(rounds); specs.len()];
+    for round in 0..=rounds {
+        for (i, (_, run, path)) in specs.iter().enumerate() {
+            let start = Instant::now();
+            for _ in 0..ops {
+                run(path, black_box(&data));
+            }
+            let per_op = start.elapsed().as_nanos() as f64 / f64::from(ops);
+            if round > 0 {
+                times[i].push(per_op); // round 0 warms up
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (i, (spec, _, path)) in specs.iter().enumerate() {
+        let mut ratios: Vec<f64> = (0..rounds).map(|r| times[i][r] / times[0][r]).collect();
+        let mut own = times[i].clone();
+        let med = median(&mut own);
+        let med_ratio = median(&mut ratios);
+        println!(
+            "{spec:<28} median {:>9.2} us  ratio to {}: min {:.3} median {:.3}",
+            med / 1000.0,
+            specs[0].0,
+            ratios[0],
+            med_ratio
+        );
+        fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }
 
@@ -219,7 +357,18 @@ fn temp_dir(c: &mut Criterion) {
 }
 
 criterion_group!(benches, atomic, lock, checked, temp_dir);
-criterion_main!(benches);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("count") => count(&args[1..]),
+        Some("rounds") => rounds(&args[1..]),
+        _ => {
+            benches();
+            Criterion::default().configure_from_args().final_summary();
+        }
+    }
+}
 
 /// Opens (creating if needed) a lock file for reading and writing, as the by-hand peers do.
 fn open_rw(path: &std::path::Path) -> std::fs::File {

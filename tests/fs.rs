@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs::{self, Permissions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -84,6 +84,13 @@ fn wait_for_line(child: &mut Child, marker: &str) {
 // ---------------------------------------------------------------------------------------
 // AtomicFile
 
+/// Every name in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names = files_starting_with(dir, "");
+    names.sort();
+    names
+}
+
 #[test]
 fn atomic_commit_replaces_and_readers_see_the_old_content_until_then() {
     let dir = tempfile::tempdir().unwrap();
@@ -93,7 +100,23 @@ fn atomic_commit_replaces_and_readers_see_the_old_content_until_then() {
     file.write_all(b"new content").unwrap();
     file.flush().unwrap();
     assert_eq!(fs::read_to_string(&path).unwrap(), "old");
-    let temp = file.temp_path().to_path_buf();
+    if cfg!(target_os = "linux") {
+        // Staged in an unnamed file: nothing new in the directory until the commit.
+        assert_eq!(file.temp_path(), None);
+        assert_eq!(names_in(dir.path()), ["app.toml"]);
+    }
+    file.commit().unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), "new content");
+    assert_eq!(names_in(dir.path()), ["app.toml"]);
+
+    // The same with a named temp file, which is visible while staged.
+    let mut file = AtomicFile::builder()
+        .named_temp_file(true)
+        .create(&path)
+        .unwrap();
+    file.write_all(b"newer").unwrap();
+    file.flush().unwrap();
+    let temp = file.temp_path().unwrap().to_path_buf();
     assert_eq!(temp.parent(), Some(dir.path()));
     assert!(
         temp.file_name()
@@ -102,13 +125,78 @@ fn atomic_commit_replaces_and_readers_see_the_old_content_until_then() {
             .unwrap()
             .starts_with(".app.toml.")
     );
-    file.commit().unwrap();
+    assert_eq!(fs::read(&temp).unwrap(), b"newer");
     assert_eq!(fs::read_to_string(&path).unwrap(), "new content");
+    file.commit().unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), "newer");
     assert!(!temp.exists());
-    assert_eq!(
-        files_starting_with(dir.path(), ".app.toml."),
-        Vec::<String>::new()
-    );
+    assert_eq!(names_in(dir.path()), ["app.toml"]);
+}
+
+/// The target's directory is opened once, at `create`: renamed while the file is being
+/// written, it still receives the new file, and nothing appears at its old path.
+#[test]
+fn atomic_commit_follows_a_directory_renamed_meanwhile() {
+    for named in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let before = dir.path().join("before");
+        fs::create_dir(&before).unwrap();
+        fs::write(before.join("a.txt"), "old").unwrap();
+        let mut file = AtomicFile::builder()
+            .named_temp_file(named)
+            .create(before.join("a.txt"))
+            .unwrap();
+        file.write_all(b"new").unwrap();
+        let after = dir.path().join("after");
+        fs::rename(&before, &after).unwrap();
+        fs::create_dir(&before).unwrap(); // a new directory at the old path
+        file.commit().unwrap();
+        assert_eq!(fs::read_to_string(after.join("a.txt")).unwrap(), "new");
+        assert_eq!(names_in(&after), ["a.txt"], "named: {named}");
+        assert_eq!(names_in(&before), Vec::<String>::new(), "named: {named}");
+    }
+}
+
+/// A commit that finds the publish name `.<name>.custodian.tmp` taken by a file a killed
+/// writer left there (unlocked) removes it and publishes. One in use by a live writer
+/// (locked), or that is not a regular file, is left alone: the commit publishes under
+/// another name.
+#[cfg(target_os = "linux")]
+#[test]
+fn atomic_commit_removes_an_unfinished_publish_of_a_killed_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    fs::write(&path, "old").unwrap();
+    let leftover = dir.path().join(".state.custodian.tmp");
+    fs::write(
+        &leftover,
+        "complete content of a writer killed while publishing",
+    )
+    .unwrap();
+    let mut file = AtomicFile::create(&path).unwrap();
+    file.write_all(b"new").unwrap();
+    file.commit().unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), "new");
+    assert_eq!(names_in(dir.path()), ["state"]);
+
+    fs::write(&leftover, "a live writer's").unwrap();
+    let holder = fs::File::open(&leftover).unwrap();
+    holder.lock().unwrap();
+    let mut file = AtomicFile::create(&path).unwrap();
+    file.write_all(b"newer").unwrap();
+    file.commit().unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), "newer");
+    assert_eq!(fs::read_to_string(&leftover).unwrap(), "a live writer's");
+    drop(holder);
+    fs::remove_file(&leftover).unwrap();
+
+    fs::create_dir(&leftover).unwrap();
+    let mut file = AtomicFile::create(&path).unwrap();
+    file.write_all(b"newest").unwrap();
+    file.commit().unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), "newest");
+    assert_eq!(names_in(dir.path()), [".state.custodian.tmp", "state"]);
+    assert!(leftover.is_dir());
 }
 
 #[test]
@@ -122,9 +210,8 @@ fn atomic_drop_without_commit_rolls_back_and_says_so() {
     assert_eq!(leaked.len(), 1);
     assert_eq!(leaked[0].kind(), "custodian::fs::AtomicFile");
     assert_eq!(leaked[0].site().file(), file!());
-    let temp = file.temp_path().to_path_buf();
     let ((), events) = capture(|| drop(file));
-    assert!(!temp.exists());
+    assert_eq!(names_in(dir.path()), ["state"]);
     assert_eq!(fs::read_to_string(&path).unwrap(), "old");
     assert!(errors(&events).is_empty());
     assert!(
@@ -139,15 +226,40 @@ fn atomic_drop_without_commit_rolls_back_and_says_so() {
 
 #[test]
 fn atomic_discard_removes_the_temp_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("a");
-    let mut file = AtomicFile::create(&path).unwrap();
-    file.write_all(b"draft").unwrap();
-    let temp = file.temp_path().to_path_buf();
-    assert!(temp.exists());
-    file.discard().unwrap();
-    assert!(!temp.exists());
-    assert!(!path.exists());
+    for named in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        let mut file = AtomicFile::builder()
+            .named_temp_file(named)
+            .create(&path)
+            .unwrap();
+        file.write_all(b"draft").unwrap();
+        if let Some(temp) = file.temp_path() {
+            assert!(temp.exists());
+        }
+        file.discard().unwrap();
+        assert_eq!(names_in(dir.path()), Vec::<String>::new(), "named: {named}");
+    }
+}
+
+/// `into_inner` gives the staged content as an open file with no name, whether the temp
+/// file was named or not: nothing is left in the directory.
+#[test]
+fn atomic_into_inner_gives_an_unnamed_file() {
+    for named in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = AtomicFile::builder()
+            .named_temp_file(named)
+            .create(dir.path().join("a"))
+            .unwrap();
+        file.write_all(b"kept aside").unwrap();
+        let mut staged = AtomicFile::into_inner(file).unwrap();
+        assert_eq!(names_in(dir.path()), Vec::<String>::new(), "named: {named}");
+        staged.seek(io::SeekFrom::Start(0)).unwrap();
+        let mut content = String::new();
+        staged.read_to_string(&mut content).unwrap();
+        assert_eq!(content, "kept aside");
+    }
 }
 
 #[test]
@@ -207,8 +319,11 @@ fn atomic_replaces_a_symlink_at_the_target_not_the_file_it_points_to() {
     let link = dir.path().join("app.conf");
     symlink(&real, &link).unwrap();
 
-    let mut file = AtomicFile::create(&link).unwrap();
-    assert_eq!(file.temp_path().parent(), Some(dir.path()));
+    let mut file = AtomicFile::builder()
+        .named_temp_file(true)
+        .create(&link)
+        .unwrap();
+    assert_eq!(file.temp_path().unwrap().parent(), Some(dir.path()));
     file.write_all(b"new").unwrap();
     file.commit().unwrap();
 
@@ -235,8 +350,11 @@ fn atomic_through_a_symlinked_directory_stages_in_the_real_one() {
     let link_dir = dir.path().join("link");
     symlink(&real_dir, &link_dir).unwrap();
 
-    let mut file = AtomicFile::create(link_dir.join("a.txt")).unwrap();
-    let temp = file.temp_path().to_path_buf();
+    let mut file = AtomicFile::builder()
+        .named_temp_file(true)
+        .create(link_dir.join("a.txt"))
+        .unwrap();
+    let temp = file.temp_path().unwrap().to_path_buf();
     assert!(
         fs::canonicalize(&temp)
             .unwrap()
@@ -359,8 +477,15 @@ fn atomic_close_commits_through_a_cleanup_stack() {
     assert_eq!(fs::read(&path).unwrap(), b"via the stack");
 }
 
+/// Named temp files only (an unnamed one leaves nothing to remove); a process looks once
+/// per target, so each case has its own directory.
 #[test]
 fn atomic_removes_stale_temp_files_of_dead_writers_only() {
+    let named = || {
+        let mut builder = AtomicFile::builder();
+        builder.named_temp_file(true);
+        builder
+    };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("data");
     // A writer that died: its pid is reaped and gone.
@@ -377,22 +502,41 @@ fn atomic_removes_stale_temp_files_of_dead_writers_only() {
     let other = dir.path().join(format!(".other.AbC123.{dead_pid}.tmp"));
     fs::write(&other, "not ours").unwrap();
 
-    let file = AtomicFile::create(&path).unwrap();
+    let file = named().create(&path).unwrap();
     assert!(!stale.exists(), "a dead writer's temp file is removed");
     assert!(live.exists(), "a live writer's temp file is kept");
     assert!(other.exists(), "another target's temp file is kept");
     file.commit().unwrap();
 
+    // Once per target and process: a file that appears later waits for the next process.
+    let later = dir.path().join(format!(".data.LaTeR1.{dead_pid}.tmp"));
+    fs::write(&later, "half").unwrap();
+    named().create(&path).unwrap().commit().unwrap();
+    assert!(
+        later.exists(),
+        "no second listing of the directory for this target"
+    );
+
     // A dead pid, but the file is locked (a writer in another pid namespace): kept.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data");
     let locked = dir.path().join(format!(".data.LoCkEd.{dead_pid}.tmp"));
     fs::write(&locked, "foreign writer").unwrap();
     let holder = fs::File::open(&locked).unwrap();
     holder.lock().unwrap();
-    AtomicFile::create(&path).unwrap().commit().unwrap();
+    named().create(&path).unwrap().commit().unwrap();
     assert!(locked.exists());
     drop(holder);
-    AtomicFile::create(&path).unwrap().commit().unwrap();
-    assert!(!locked.exists());
+
+    // An unnamed temp file (the default on Linux) never lists the directory.
+    if cfg!(target_os = "linux") {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let stale = dir.path().join(format!(".data.AbC123.{dead_pid}.tmp"));
+        fs::write(&stale, "half").unwrap();
+        AtomicFile::create(&path).unwrap().commit().unwrap();
+        assert!(stale.exists());
+    }
 }
 
 #[test]
@@ -402,8 +546,11 @@ fn atomic_drop_reports_a_failed_rollback() {
     fs::create_dir(&sub).unwrap();
     let path = sub.join("a");
     let before = ledger::snapshot();
-    let file = AtomicFile::create(&path).unwrap();
-    let temp = file.temp_path().to_path_buf();
+    let file = AtomicFile::builder()
+        .named_temp_file(true)
+        .create(&path)
+        .unwrap();
+    let temp = file.temp_path().unwrap().to_path_buf();
     chmod(&sub, 0o555);
     let ((), events) = unprivileged(|| capture(|| drop(file)));
     chmod(&sub, 0o755);
@@ -415,6 +562,17 @@ fn atomic_drop_reports_a_failed_rollback() {
     );
     assert!(temp.exists(), "the removal really failed");
     assert_failure_counted(&before, "custodian::fs::AtomicFile");
+
+    // An unnamed temp file has nothing to remove: its rollback cannot fail.
+    if cfg!(target_os = "linux") {
+        fs::remove_file(&temp).unwrap();
+        let file = AtomicFile::create(&path).unwrap();
+        chmod(&sub, 0o555);
+        let ((), events) = unprivileged(|| capture(|| drop(file)));
+        chmod(&sub, 0o755);
+        assert!(errors(&events).is_empty(), "{events:?}");
+        assert_eq!(names_in(&sub), Vec::<String>::new());
+    }
 }
 
 /// Says why a case did not run; fails it where every case must run (CI sets

@@ -2,7 +2,9 @@
 //!
 //! - `AtomicFile`: a child rewrites a large file in a loop and is killed at random
 //!   moments; after each kill the file is one complete version (checksum), versions never
-//!   go back, and at most one temp file is left behind.
+//!   go back, and at most one temp file is left behind. On Linux (unnamed temp files)
+//!   nothing is left but, after a kill while publishing, the complete new content under
+//!   the publish name, which the next commit removes.
 //! - `LockFile`: 8 processes increment a counter file under the lock; no increment is
 //!   lost and no two processes are ever inside at once.
 //!
@@ -99,7 +101,15 @@ fn seed() -> u64 {
     (nanos as u64) | 1
 }
 
-fn atomic_file_survives_sigkill(kills: u32) {
+/// The publish name of the target `data.bin` (see `AtomicFile`'s *Crashes*).
+const PUBLISH_NAME: &str = ".data.bin.custodian.tmp";
+
+/// `kills` writers killed at random moments, staging in named temp files if `named`.
+/// With unnamed temp files (Linux), after each kill no temp file at all may remain but
+/// the publish name holding a complete version, and after the kills and one more commit,
+/// nothing at all.
+fn atomic_file_survives_sigkill(kills: u32, named: bool) {
+    let nothing_left = !named && cfg!(target_os = "linux");
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("data.bin");
     fs::write(&target, content(0)).unwrap();
@@ -108,11 +118,15 @@ fn atomic_file_survives_sigkill(kills: u32) {
     let mut rng = Rng(seed);
 
     let mut last = 0;
-    let (mut advanced, mut mid_write) = (0, 0);
+    let (mut advanced, mut mid_write, mut publishing) = (0, 0, 0);
     let start = Instant::now();
     for kill in 0..kills {
         let mut child = common::child_role("child_role_atomic_writer")
             .env("CUSTODIAN_FS_CRASH_TARGET", &target)
+            .env(
+                "CUSTODIAN_FS_CRASH_NAMED",
+                if named { "named" } else { "unnamed" },
+            )
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -126,6 +140,12 @@ fn atomic_file_survives_sigkill(kills: u32) {
         std::thread::sleep(Duration::from_micros(rng.next() % 40_000));
         child.kill().unwrap();
         let status = child.wait().unwrap();
+        // The child says `W` before each create and `C` after each commit.
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        if rest.lines().last() == Some("W") {
+            mid_write += 1;
+        }
         assert_eq!(
             status.signal(),
             Some(9),
@@ -147,29 +167,50 @@ fn atomic_file_survives_sigkill(kills: u32) {
             temps.len() <= 1,
             "after kill {kill}: temp files accumulate: {temps:?}"
         );
-        if !temps.is_empty() {
-            mid_write += 1;
+        if nothing_left && let Some(temp) = temps.first() {
+            assert_eq!(temp, PUBLISH_NAME, "after kill {kill}: a temp file is left");
+            let bytes = fs::read(dir.path().join(temp)).unwrap();
+            check(&bytes).unwrap_or_else(|e| panic!("after kill {kill}, {temp}: {e}"));
+            publishing += 1;
         }
     }
     println!(
         "{kills} kills in {:?}: final version {last}, {advanced} kills after new commits, \
-         {mid_write} kills during a write",
+         {mid_write} kills during a write, {publishing} left the publish name",
         start.elapsed()
     );
+    if nothing_left {
+        let mut file = AtomicFile::create(&target).unwrap();
+        file.write_all(&content(last + 1)).unwrap();
+        file.commit().unwrap();
+        assert_eq!(
+            temp_files(dir.path()),
+            Vec::<String>::new(),
+            "one more commit leaves no temp file at all"
+        );
+    }
     // The test has teeth only if the kills landed both between and inside commits.
     assert!(advanced > 0, "no kill happened after a commit");
     assert!(mid_write > 0, "no kill happened during a write");
 }
 
+/// The default staging: on Linux an unnamed temp file, so no temp file is left at all.
 #[test]
 fn atomic_file_survives_200_sigkills() {
-    atomic_file_survives_sigkill(200);
+    atomic_file_survives_sigkill(200, false);
+}
+
+/// Named temp files (as where unnamed ones are refused): at most one stale temp file,
+/// removed by the next writer process.
+#[test]
+fn atomic_file_with_named_temp_files_survives_100_sigkills() {
+    atomic_file_survives_sigkill(100, true);
 }
 
 #[test]
 #[ignore = "long: 1000 kills"]
 fn atomic_file_survives_1000_sigkills() {
-    atomic_file_survives_sigkill(1000);
+    atomic_file_survives_sigkill(1000, false);
 }
 
 #[test]
@@ -179,16 +220,22 @@ fn child_role_atomic_writer() {
         return;
     };
     let target = PathBuf::from(target);
+    let named = std::env::var("CUSTODIAN_FS_CRASH_NAMED").is_ok_and(|v| v == "named");
     let mut version = check(&fs::read(&target).unwrap()).unwrap();
     println!("READY");
     loop {
         version += 1;
         let bytes = content(version);
-        let mut file = AtomicFile::create(&target).unwrap();
+        println!("W");
+        let mut file = AtomicFile::builder()
+            .named_temp_file(named)
+            .create(&target)
+            .unwrap();
         for chunk in bytes.chunks(CHUNK) {
             file.write_all(chunk).unwrap();
         }
         file.commit().unwrap();
+        println!("C");
     }
 }
 

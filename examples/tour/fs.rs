@@ -32,10 +32,10 @@ fn atomic_config_rewrite(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "while rewriting, a reader still sees {:?} (new content staged in {})",
         std::fs::read_to_string(&config)?,
-        file.temp_path()
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
+        match file.temp_path().and_then(|p| p.file_name()) {
+            Some(name) => name.to_string_lossy().into_owned(),
+            None => "an unnamed file, invisible until the commit".to_owned(),
+        }
     );
     file.commit()?; // flush, fsync, rename, fsync the directory
     println!("after commit: {:?}", std::fs::read_to_string(&config)?);

@@ -1,6 +1,6 @@
 //! Non-Unix platforms: the weaker behaviour documented on each guard.
 
-use std::fs::{File, Metadata, OpenOptions, Permissions};
+use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
 /// Whether the result of closing a descriptor is visible on this platform.
@@ -47,21 +47,6 @@ pub(crate) fn write_at_start(mut file: &File, bytes: &[u8]) -> io::Result<()> {
 pub(crate) fn read_at_start(mut file: &File, buf: &mut [u8]) -> io::Result<usize> {
     file.seek(SeekFrom::Start(0))?;
     file.read(buf)
-}
-
-/// The permissions of `meta`.
-pub(crate) fn permissions_of(meta: &Metadata) -> Permissions {
-    meta.permissions()
-}
-
-/// No umask here.
-pub(crate) fn umask_may_change(_permissions: &Permissions) -> bool {
-    false
-}
-
-/// Unknown here: assume the process exists, so nothing is removed.
-pub(crate) fn process_may_exist(_pid: u32) -> bool {
-    true
 }
 
 /// Whether removing files of crashed writers is supported here.

@@ -48,11 +48,6 @@ impl FileId {
     }
 }
 
-/// Whether both metadata are of the same file system.
-pub(crate) fn same_device(a: &Metadata, b: &Metadata) -> bool {
-    a.dev() == b.dev()
-}
-
 /// Writes `bytes` at offset 0 without moving the cursor.
 pub(crate) fn write_at_start(file: &File, bytes: &[u8]) -> io::Result<()> {
     file.write_all_at(bytes, 0)
@@ -61,11 +56,6 @@ pub(crate) fn write_at_start(file: &File, bytes: &[u8]) -> io::Result<()> {
 /// Reads at most `buf.len()` bytes from offset 0 without moving the cursor.
 pub(crate) fn read_at_start(file: &File, buf: &mut [u8]) -> io::Result<usize> {
     file.read_at(buf, 0)
-}
-
-/// The permission bits of `meta`, as a `Permissions` that sets exactly them.
-pub(crate) fn permissions_of(meta: &Metadata) -> Permissions {
-    Permissions::from_mode(meta.mode() & 0o7777)
 }
 
 /// Whether creating a file with these permissions may have given it fewer bits, through

@@ -3,17 +3,24 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
-use std::fs::{self, File, Permissions};
+use std::fs::{File, Permissions};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::panic::Location;
 use std::path::{Path, PathBuf};
-
-use tempfile::NamedTempFile;
 
 use super::{Poison, imp};
 use crate::Close;
 use crate::io_error::path_error;
 use crate::ledger::{Kind, Ticket};
+
+#[cfg(not(unix))]
+mod other;
+#[cfg(not(unix))]
+use other::{Options, Publish, Stage};
+#[cfg(unix)]
+mod unix;
+#[cfg(unix)]
+use unix::{Options, Publish, Stage};
 
 static KIND: Kind = Kind::new("custodian::fs::AtomicFile");
 
@@ -29,10 +36,21 @@ const RAND_LEN: usize = 6;
 /// renamed over the target by [`commit`](AtomicFile::commit). A reader, or a crash at any
 /// moment, sees the complete old content or the complete new content, never a mix.
 ///
+/// On Linux the temp file is *unnamed* (`O_TMPFILE`): it has no name in the directory
+/// until `commit` links it there, so a writer killed before committing leaves nothing
+/// behind. Elsewhere, or where the file system refuses unnamed files, it is a named
+/// temp file (see *Crashes* below). Either way the cost of a write does not depend on
+/// how many files the directory holds.
+///
 /// `commit` = flush the buffer → `fsync` the file → `rename` over the target → `fsync`
 /// the directory (so that the rename itself survives a power loss). Dropped without
 /// `commit`, the temp file is removed and the target is untouched (rollback); a failure to
-/// remove it is reported (tracing `error` event and the ledger's failed count).
+/// remove a named temp file is reported (tracing `error` event and the ledger's failed
+/// count).
+///
+/// The target's directory is opened once, by `create`: the link, the rename and the
+/// directory's `fsync` go through that handle, so a directory renamed (or replaced) while
+/// the file is being written still receives the new file.
 ///
 /// ```
 /// use custodian::fs::AtomicFile;
@@ -60,24 +78,35 @@ const RAND_LEN: usize = 6;
 /// [`AtomicFileBuilder::permissions`] says. The owner is the writing process's user.
 ///
 /// # Symbolic links
-/// The temp file is created in the directory that the target's parent path resolves to,
-/// which is where `rename` puts the result, so the rename never crosses file systems. If
+/// The temp file is created in the directory that the target's parent path resolves to
+/// when `create` runs, which is where `rename` puts the result, so the rename never
+/// crosses file systems. If
 /// the target itself is a symbolic link, the **link is replaced** by the new file and the
 /// file it pointed to is left unchanged, as `rename(2)` and `mv` do; this also means a
 /// link planted at the target path is never followed. To rewrite the file a link points
 /// to, pass [`std::fs::canonicalize`]`(path)`.
 ///
 /// # Crashes
-/// A writer killed before `commit` leaves its temp file behind, named
-/// `.<target name>.<random>.<pid>.tmp`. The next `AtomicFile` created for the same target
-/// removes such files whose writer is gone (no process with that pid, and the file not
-/// locked: each writer holds a `flock` on its temp file). So at most one stale temp file
-/// exists per target after crashes. Turn this off with
-/// [`AtomicFileBuilder::remove_stale`].
+/// With an unnamed temp file (Linux), a writer killed before `commit` leaves nothing. One
+/// killed *during* `commit`, between linking the new file into the directory and renaming
+/// it over the target (for a durable commit this includes the file's `fsync`, which
+/// must follow the link on some file systems), leaves the complete new content as
+/// `.<target name>.custodian.tmp`; the next commit of the same target removes it, without
+/// listing the directory.
+///
+/// A named temp file (other systems, file systems without unnamed files, or
+/// [`AtomicFileBuilder::named_temp_file`]) is called `.<target name>.<random>.<pid>.tmp`,
+/// and a writer killed before `commit` leaves it behind. The first `AtomicFile` of the
+/// same target that a process creates with a named temp file removes such files whose
+/// writer is gone (no process with that pid, and the file not locked: each writer holds
+/// a `flock` on its temp file). That costs one directory listing per target and
+/// process, never one per write. Turn this off with [`AtomicFileBuilder::remove_stale`].
 #[must_use = "dropping an AtomicFile without `commit` discards what was written"]
 pub struct AtomicFile {
     /// The staged content; `None` only once `commit`, `discard` or `into_inner` took it.
-    temp: Option<BufWriter<NamedTempFile>>,
+    temp: Option<BufWriter<File>>,
+    /// The directory handle and names that `commit` publishes through.
+    stage: Stage,
     target: PathBuf,
     sync: bool,
     /// Set by a failed write: `commit` then refuses to publish a partial content.
@@ -113,6 +142,7 @@ pub struct AtomicFileBuilder {
     temp_dir: Option<PathBuf>,
     buffer: usize,
     remove_stale: bool,
+    named: bool,
 }
 
 impl Default for AtomicFileBuilder {
@@ -124,13 +154,14 @@ impl Default for AtomicFileBuilder {
             temp_dir: None,
             buffer: DEFAULT_BUFFER,
             remove_stale: imp::CLEANS_STALE,
+            named: false,
         }
     }
 }
 
 impl AtomicFileBuilder {
-    /// The defaults: durable commit, old permissions kept, temp file next to the target,
-    /// 8 KiB buffer, stale temp files removed.
+    /// The defaults: durable commit, old permissions kept, temp file next to the target
+    /// (unnamed where possible), 8 KiB buffer, stale named temp files removed.
     pub fn new() -> Self {
         Self::default()
     }
@@ -160,9 +191,10 @@ impl AtomicFileBuilder {
         self
     }
 
-    /// Stages the temp file in `dir` instead of the target's directory. `dir` must be on
-    /// the target's file system, since `rename` cannot cross file systems: `create` checks
-    /// this and fails with [`io::ErrorKind::CrossesDevices`] otherwise.
+    /// Stages the temp file in `dir` instead of the target's directory (the name it has
+    /// while being published is in `dir` too). `dir` must be on the target's file system,
+    /// since `rename` cannot cross file systems: `create` checks this and fails with
+    /// [`io::ErrorKind::CrossesDevices`] otherwise.
     pub fn temp_dir(&mut self, dir: impl Into<PathBuf>) -> &mut Self {
         self.temp_dir = Some(dir.into());
         self
@@ -174,11 +206,37 @@ impl AtomicFileBuilder {
         self
     }
 
-    /// Whether `create` removes temp files of the same target left by crashed writers
-    /// (default `true` on Unix; a no-op elsewhere). It costs one directory listing per
-    /// `create`: a few microseconds, noticeable only without fsync on a fast file system.
+    /// Whether `create` removes named temp files of the same target left by crashed
+    /// writers (default `true` on Unix; a no-op elsewhere). Only where a named temp file
+    /// is used, and once per target and process: one directory listing then, none for
+    /// later writes (see *Crashes* on [`AtomicFile`]).
     pub fn remove_stale(&mut self, remove: bool) -> &mut Self {
         self.remove_stale = remove && imp::CLEANS_STALE;
+        self
+    }
+
+    /// Whether to stage in a named temp file, `.<name>.<random>.<pid>.tmp`, even where an
+    /// unnamed one is possible (default `false`; only Linux has unnamed ones): for a
+    /// staged file that other programs can open by its path
+    /// ([`AtomicFile::temp_path`]). A writer killed before `commit` then leaves it behind
+    /// (see *Crashes* on [`AtomicFile`]).
+    ///
+    /// ```
+    /// use std::io::Write;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let mut file = custodian::fs::AtomicFile::builder()
+    ///     .named_temp_file(true)
+    ///     .create(dir.path().join("a.txt"))?;
+    /// file.write_all(b"visible while staged")?;
+    /// file.flush()?;
+    /// let temp = file.temp_path().expect("a named temp file");
+    /// assert_eq!(std::fs::read(temp)?, b"visible while staged");
+    /// file.commit()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn named_temp_file(&mut self, named: bool) -> &mut Self {
+        self.named = named;
         self
     }
 
@@ -186,9 +244,10 @@ impl AtomicFileBuilder {
     ///
     /// # Errors
     /// An error naming the path, with the original kind, when `path` has no file name
-    /// (`InvalidInput`), is a directory (`IsADirectory`), cannot be inspected, when the
-    /// staging directory is missing (`NotFound`), not writable (`PermissionDenied`,
-    /// `ReadOnlyFilesystem`), or on another file system (`CrossesDevices`).
+    /// (`InvalidInput`), is a directory (`IsADirectory`), cannot be inspected, when its
+    /// directory or the staging directory is missing (`NotFound`), cannot be opened or
+    /// written (`PermissionDenied`, `ReadOnlyFilesystem`), or when the staging directory
+    /// is on another file system (`CrossesDevices`).
     #[track_caller]
     #[must_use = "dropping an AtomicFile without `commit` discards what was written"]
     pub fn create(&self, path: impl AsRef<Path>) -> io::Result<AtomicFile> {
@@ -203,75 +262,21 @@ impl AtomicFileBuilder {
                 io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
             ));
         };
-        let dir = parent_dir(target);
-        let mode = self.mode_for(target)?;
-        let staging = match &self.temp_dir {
-            Some(staging) => {
-                check_same_fs(staging, dir)?;
-                staging.as_path()
-            }
-            None => dir,
+        let options = Options {
+            permissions: self.permissions.clone(),
+            keep_permissions: self.keep_permissions,
+            temp_dir: self.temp_dir.as_deref(),
+            remove_stale: self.remove_stale,
+            named: self.named,
         };
-
-        let prefix = temp_prefix(name);
-        if self.remove_stale {
-            remove_stale(staging, &prefix);
-        }
-        let mut suffix = OsString::from(".");
-        suffix.push(std::process::id().to_string());
-        suffix.push(".tmp");
-        let mut builder = tempfile::Builder::new();
-        builder.prefix(&prefix).suffix(&suffix).rand_bytes(RAND_LEN);
-        if let Some(mode) = &mode {
-            builder.permissions(mode.clone());
-        }
-        let temp = builder
-            .tempfile_in(staging)
-            .map_err(|e| path_error("cannot create a temp file in", staging, e))?;
-        // Tells `remove_stale` of other writers that this temp file is in use, even when
-        // they cannot see our pid (another pid namespace). A brand-new file: never blocks.
-        let _ = temp.as_file().try_lock();
-        if let Some(mode) = mode.filter(imp::umask_may_change) {
-            // Exactly these bits: the umask applied at creation may have removed some.
-            temp.as_file()
-                .set_permissions(mode)
-                .map_err(|e| path_error("cannot set the permissions of", temp.path(), e))?;
-        }
+        let (file, stage) = Stage::create(target, parent_dir(target), name, &options)?;
         Ok(AtomicFile {
-            temp: Some(BufWriter::with_capacity(self.buffer, temp)),
+            temp: Some(BufWriter::with_capacity(self.buffer, file)),
+            stage,
             target: target.to_path_buf(),
             sync: self.sync,
             poison: Poison::default(),
             ticket: Ticket::at(&KIND, site),
-        })
-    }
-
-    /// The permissions the new file gets; fails if the target is a directory.
-    fn mode_for(&self, target: &Path) -> io::Result<Option<Permissions>> {
-        let existing = match fs::symlink_metadata(target) {
-            Ok(meta) if meta.is_dir() => {
-                return Err(path_error(
-                    "cannot replace",
-                    target,
-                    io::Error::new(io::ErrorKind::IsADirectory, "it is a directory"),
-                ));
-            }
-            Ok(meta) => Some(meta),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(path_error("cannot inspect", target, e)),
-        };
-        if let Some(permissions) = &self.permissions {
-            return Ok(Some(permissions.clone()));
-        }
-        if !self.keep_permissions || !cfg!(unix) {
-            return Ok(None);
-        }
-        Ok(match existing {
-            Some(meta) if meta.file_type().is_symlink() => {
-                fs::metadata(target).ok().map(|m| imp::permissions_of(&m))
-            }
-            Some(meta) => Some(imp::permissions_of(&meta)),
-            None => None,
         })
     }
 }
@@ -326,16 +331,22 @@ impl AtomicFile {
         &self.target
     }
 
-    /// Where the new content is staged until `commit`.
+    /// Where the new content is staged until `commit`, for a named temp file; `None` for
+    /// an unnamed one, which has no path (the default on Linux; see
+    /// [`AtomicFileBuilder::named_temp_file`]). An unnamed one that a failed `commit`
+    /// already linked into the directory (`.<name>.custodian.tmp`) has that path from
+    /// then on.
     ///
     /// ```
     /// let dir = tempfile::tempdir()?;
     /// let file = custodian::fs::AtomicFile::create(dir.path().join("a.txt"))?;
-    /// assert_eq!(file.temp_path().parent(), Some(dir.path()));
+    /// if let Some(temp) = file.temp_path() {
+    ///     assert_eq!(temp.parent(), Some(dir.path()));
+    /// }
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn temp_path(&self) -> &Path {
-        self.writer_ref().get_ref().path()
+    pub fn temp_path(&self) -> Option<&Path> {
+        self.stage.temp_path()
     }
 
     /// The temp file, after writing out the buffer (to seek, `set_len`, read back...).
@@ -356,7 +367,7 @@ impl AtomicFile {
     pub fn as_file_mut(&mut self) -> io::Result<&mut File> {
         self.flush()
             .map_err(|e| path_error("cannot write the new content of", &self.target, e))?;
-        Ok(self.writer_mut().get_mut().as_file_mut())
+        Ok(self.writer_mut().get_mut())
     }
 
     /// Replaces the target with what was written: flush → `fsync` the file → `rename`
@@ -423,86 +434,96 @@ impl AtomicFile {
             return Err(CommitError::kept(error, self));
         }
         let capacity = writer.capacity();
-        let (temp, _empty) = writer.into_parts();
-        if self.sync
-            && let Err(e) = temp.as_file().sync_all()
-        {
-            let error = path_error("cannot sync the new content of", &self.target, e);
-            if let Err(rm) = temp.close() {
-                self.ticket.failure(&self.target.display(), &rm);
+        let (file, _empty) = writer.into_parts();
+        match self.stage.publish(&file, &self.target, self.sync) {
+            Ok(()) => {}
+            Err(Publish::Sync(e)) => {
+                let error = path_error("cannot sync the new content of", &self.target, e);
+                drop(file);
+                if let Err(rm) = self.stage.discard() {
+                    self.ticket.failure(&self.target.display(), &rm);
+                }
+                return Err(CommitError::lost(error, false));
             }
-            return Err(CommitError::lost(error, false));
-        }
-        let file = match temp.persist(&self.target) {
-            Ok(file) => file,
-            Err(e) => {
-                self.temp = Some(BufWriter::with_capacity(capacity, e.file));
-                let error = path_error("cannot rename the new content over", &self.target, e.error);
+            Err(Publish::Rename(error)) => {
+                self.temp = Some(BufWriter::with_capacity(capacity, file));
                 return Err(CommitError::kept(error, self));
             }
-        };
+        }
         if let Err(e) = imp::close(file) {
             return Err(CommitError::lost(
                 path_error("cannot close the new content of", &self.target, e),
                 true,
             ));
         }
-        if self.sync {
-            let dir = parent_dir(&self.target);
-            if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-                return Err(CommitError::lost(
-                    path_error("replaced, but cannot sync the directory", dir, e),
-                    true,
-                ));
-            }
+        if self.sync
+            && let Err(e) = self.stage.sync_dir()
+        {
+            return Err(CommitError::lost(
+                path_error(
+                    "replaced, but cannot sync the directory",
+                    parent_dir(&self.target),
+                    e,
+                ),
+                true,
+            ));
         }
         Ok(())
     }
 
-    /// Rolls back now: removes the temp file, leaving the target untouched, and returns
-    /// the error of the removal (which `Drop` can only report).
+    /// Rolls back now: removes the temp file (an unnamed one is simply closed), leaving
+    /// the target untouched, and returns the error of the removal (which `Drop` can only
+    /// report).
     ///
     /// ```
     /// use std::io::Write;
     ///
     /// let dir = tempfile::tempdir()?;
-    /// let mut file = custodian::fs::AtomicFile::create(dir.path().join("a.txt"))?;
+    /// let path = dir.path().join("a.txt");
+    /// let mut file = custodian::fs::AtomicFile::create(&path)?;
     /// file.write_all(b"draft")?;
-    /// let temp = file.temp_path().to_path_buf();
     /// file.discard()?;
-    /// assert!(!temp.exists());
+    /// assert!(!path.exists());
+    /// assert_eq!(std::fs::read_dir(dir.path())?.count(), 0);
     /// # Ok::<(), std::io::Error>(())
     /// ```
     ///
     /// # Errors
-    /// The removal's error, naming the temp file.
+    /// The removal's error, naming the target.
     pub fn discard(mut self) -> io::Result<()> {
         let Some(writer) = self.temp.take() else {
             unreachable!("an AtomicFile's temp file is only taken by consuming it")
         };
-        let (temp, _discarded) = writer.into_parts();
-        temp.close()
+        drop(writer.into_parts());
+        self.stage
+            .discard()
             .map_err(|e| path_error("cannot remove the staged copy of", &self.target, e))
     }
 
-    /// Escape hatch: the temp file, buffer written out, no longer managed (no commit, no
-    /// rollback by this guard; tempfile's own `Drop` still removes it).
+    /// Escape hatch: the staged content as an open [`File`], buffer written out, no longer
+    /// managed (no commit, no rollback by this guard). The file has no name: a named temp
+    /// file is removed first, so that nothing is left behind once the `File` is closed.
+    /// The cursor is at the end of what was written.
     ///
     /// ```
-    /// use std::io::Write;
+    /// use std::io::{Read, Seek, SeekFrom, Write};
     ///
     /// let dir = tempfile::tempdir()?;
     /// let mut file = custodian::fs::AtomicFile::create(dir.path().join("a.txt"))?;
     /// file.write_all(b"kept aside")?;
-    /// let temp = custodian::fs::AtomicFile::into_inner(file)?;
-    /// temp.persist(dir.path().join("elsewhere.txt"))?;
+    /// let mut staged = custodian::fs::AtomicFile::into_inner(file)?;
+    /// staged.seek(SeekFrom::Start(0))?;
+    /// let mut content = String::new();
+    /// staged.read_to_string(&mut content)?;
+    /// assert_eq!(content, "kept aside");
+    /// assert!(!dir.path().join("a.txt").exists());
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     ///
     /// # Errors
-    /// When the flush fails, or an earlier write failed (see [`commit`](Self::commit)): a
-    /// [`CommitError`] with the `AtomicFile` back.
-    pub fn into_inner(mut this: Self) -> Result<NamedTempFile, CommitError> {
+    /// When the flush fails, an earlier write failed (see [`commit`](Self::commit)), or
+    /// a named temp file cannot be removed: a [`CommitError`] with the `AtomicFile` back.
+    pub fn into_inner(mut this: Self) -> Result<File, CommitError> {
         if let Some(error) = this.poisoned("the staged content is incomplete") {
             return Err(CommitError::kept(error, this));
         }
@@ -512,6 +533,11 @@ impl AtomicFile {
         if let Err(e) = this.poison.check_flush(writer.flush()) {
             this.temp = Some(writer);
             let error = path_error("cannot write the new content of", &this.target, e);
+            return Err(CommitError::kept(error, this));
+        }
+        if let Err(e) = this.stage.discard() {
+            this.temp = Some(writer);
+            let error = path_error("cannot remove the staged copy of", &this.target, e);
             return Err(CommitError::kept(error, this));
         }
         Ok(writer.into_parts().0)
@@ -544,10 +570,7 @@ impl AtomicFile {
         };
         let capacity = writer.capacity();
         let (mut temp, _dropped) = writer.into_parts();
-        let emptied = temp
-            .as_file()
-            .set_len(0)
-            .and_then(|()| temp.seek(SeekFrom::Start(0)));
+        let emptied = temp.set_len(0).and_then(|()| temp.seek(SeekFrom::Start(0)));
         self.temp = Some(BufWriter::with_capacity(capacity, temp));
         emptied.map_err(|e| path_error("cannot empty the staged copy of", &self.target, e))?;
         self.poison.clear();
@@ -559,14 +582,7 @@ impl AtomicFile {
         self.poison.error(what, &self.target)
     }
 
-    fn writer_ref(&self) -> &BufWriter<NamedTempFile> {
-        match &self.temp {
-            Some(writer) => writer,
-            None => unreachable!("an AtomicFile's temp file is only taken by consuming it"),
-        }
-    }
-
-    fn writer_mut(&mut self) -> &mut BufWriter<NamedTempFile> {
+    fn writer_mut(&mut self) -> &mut BufWriter<File> {
         match &mut self.temp {
             Some(writer) => writer,
             None => unreachable!("an AtomicFile's temp file is only taken by consuming it"),
@@ -636,8 +652,8 @@ impl Drop for AtomicFile {
     fn drop(&mut self) {
         if let Some(writer) = self.temp.take() {
             self.ticket.dropped_without_close(&self.target.display());
-            let (temp, _discarded) = writer.into_parts();
-            if let Err(e) = temp.close() {
+            drop(writer.into_parts());
+            if let Err(e) = self.stage.discard() {
                 self.ticket.failure(&self.target.display(), &e);
             }
         }
@@ -648,7 +664,7 @@ impl fmt::Debug for AtomicFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AtomicFile")
             .field("path", &self.target)
-            .field("temp_path", &self.temp.as_ref().map(|w| w.get_ref().path()))
+            .field("temp_path", &self.stage.temp_path())
             .field("sync", &self.sync)
             .finish()
     }
@@ -767,28 +783,6 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// Fails with `CrossesDevices` if `staging` is not on `dir`'s file system.
-fn check_same_fs(staging: &Path, dir: &Path) -> io::Result<()> {
-    let staging_meta =
-        fs::metadata(staging).map_err(|e| path_error("cannot inspect the temp dir", staging, e))?;
-    let dir_meta = fs::metadata(dir).map_err(|e| path_error("cannot inspect", dir, e))?;
-    if imp::same_device(&staging_meta, &dir_meta) {
-        Ok(())
-    } else {
-        Err(path_error(
-            "cannot stage the new file in",
-            staging,
-            io::Error::new(
-                io::ErrorKind::CrossesDevices,
-                format!(
-                    "it is on another file system than {}, so the rename could not be atomic",
-                    dir.display()
-                ),
-            ),
-        ))
-    }
-}
-
 /// `.<name>.`: the start of every temp file's name for target `name`.
 fn temp_prefix(name: &OsStr) -> OsString {
     let mut prefix = OsString::from(".");
@@ -806,90 +800,9 @@ fn temp_prefix(name: &OsStr) -> OsString {
     prefix
 }
 
-/// The writer's pid if `file_name` is `<prefix><random>.<pid>.tmp`.
-fn stale_candidate(file_name: &OsStr, prefix: &OsStr) -> Option<u32> {
-    let rest = file_name
-        .as_encoded_bytes()
-        .strip_prefix(prefix.as_encoded_bytes())?
-        .strip_suffix(b".tmp")?;
-    let (random, pid) = rest.split_at_checked(RAND_LEN)?;
-    if !random.iter().all(u8::is_ascii_alphanumeric) {
-        return None;
-    }
-    let pid = pid.strip_prefix(b".")?;
-    if pid.is_empty() || !pid.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(pid).ok()?.parse().ok()
-}
-
-/// Removes temp files for the same target whose writer is gone: no process with their pid,
-/// and not locked. Best effort: a failure is reported as a `warn` event, never fails the
-/// new write.
-fn remove_stale(staging: &Path, prefix: &OsStr) {
-    let Ok(entries) = fs::read_dir(staging) else {
-        return; // creating the temp file reports the problem with the directory
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = stale_candidate(&name, prefix) else {
-            continue;
-        };
-        if imp::process_may_exist(pid) {
-            continue;
-        }
-        let path = entry.path();
-        let mut options = fs::OpenOptions::new();
-        let Ok(file) = imp::no_follow(options.read(true)).open(&path) else {
-            continue;
-        };
-        if file.try_lock().is_err() {
-            continue; // a live writer we cannot see (another pid namespace)
-        }
-        match fs::remove_file(&path) {
-            Ok(()) => tracing::debug!(
-                target: "custodian",
-                kind = KIND.name(),
-                resource = %path.display(),
-                pid,
-                "removed a temp file left by a crashed writer"
-            ),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(
-                target: "custodian",
-                kind = KIND.name(),
-                resource = %path.display(),
-                error = %e,
-                "cannot remove a temp file left by a crashed writer"
-            ),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn temp_names_parse_back_to_their_pid() {
-        let prefix = temp_prefix(OsStr::new("app.toml"));
-        assert_eq!(prefix, ".app.toml.");
-        assert_eq!(
-            stale_candidate(OsStr::new(".app.toml.aZ09xy.4242.tmp"), &prefix),
-            Some(4242)
-        );
-        for other in [
-            ".app.toml.aZ09xy.tmp",
-            ".app.toml.aZ09x.4242.tmp",
-            ".app.toml.aZ0-xy.4242.tmp",
-            ".app.toml.aZ09xy.42a2.tmp",
-            ".app.toml.aZ09xy.4242",
-            ".app.toml.b.aZ09xy.4242.tmp",
-            "app.toml",
-        ] {
-            assert_eq!(stale_candidate(OsStr::new(other), &prefix), None, "{other}");
-        }
-    }
 
     #[test]
     fn long_names_are_cut_on_a_char_boundary() {
