@@ -174,10 +174,11 @@ impl Stage {
     /// Links the unnamed file into the directory, then renames it over the target (see
     /// [`Stage::publish`]).
     ///
-    /// A new target, without `sync`: one `linkat` to its name. Otherwise `linkat` to the
-    /// *publish name* `.<name>.custodian.tmp` (in the staging directory), `fsync` (after
-    /// the link: some file systems, btrfs among them, skip the `fsync` of a file with no
-    /// name), then `renameat` over the target. From the link on, the file is a named
+    /// A new target, without `sync`: one `linkat` to its name. Otherwise `fsync`, `linkat`
+    /// to the *publish name* `.<name>.custodian.tmp` (in the staging directory),
+    /// `fdatasync` (some file systems, btrfs among them, skip the `fsync` of a file with
+    /// no name; elsewhere nothing is left to write), then `renameat` over the target, as
+    /// atomic-write-file does. From the link on, the file is a named
     /// temp file, locked (`flock`) so that another writer of the same target finding it
     /// there knows it is in use; a writer killed in between leaves it unlocked, and the
     /// next commit of the same target removes it.
@@ -196,6 +197,12 @@ impl Stage {
                 Err(e) => return Err(linked(e)),
             }
         }
+        // Durable before it has a name: a failed `fsync` leaves nothing to clean up, and the
+        // time the file spends under its publish name shrinks to the link, an `fdatasync`
+        // with nothing left to write, and the rename.
+        if sync {
+            file.sync_all().map_err(Publish::Sync)?;
+        }
         // Never blocks: nobody else has this file open.
         let _ = file.try_lock();
         let staging = self.staging.as_ref().unwrap_or(&self.dir);
@@ -205,7 +212,9 @@ impl Stage {
         // Its path is only needed if the commit fails (`temp_path`): made then.
         self.named = Some((link_name, PathBuf::new()));
         if sync {
-            file.sync_all().map_err(Publish::Sync)?;
+            // Some file systems (btrfs) ignore the `fsync` of a file with no name: once more
+            // now that it has one. Cheap where the first one counted.
+            file.sync_data().map_err(Publish::Sync)?;
         }
         self.rename(target).inspect_err(|_| {
             if let Some((name, path)) = &mut self.named {
