@@ -59,6 +59,10 @@ const SCENARIOS: &[Scenario] = &[
     ("ticket-nothing", ticket_nothing),
     ("ticket", ticket),
     ("ticket-filtered-subscriber", ticket),
+    // Site tracking on (the debug-build default), with only the measured ticket alive and
+    // with 100 000 other tickets alive: the cost must not grow with the live set.
+    ("ticket-sites-1", ticket),
+    ("ticket-sites-100k", ticket),
     #[cfg(feature = "tokio")]
     ("close-ready-direct", rt::direct),
     #[cfg(feature = "tokio")]
@@ -205,6 +209,14 @@ fn main() {
                 std::process::exit(2);
             };
             let iterations: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1);
+            // Setup, done in the N = 0 run as well, so it cancels out.
+            let mut held = Vec::new();
+            if name.starts_with("ticket-sites") {
+                ledger::track_sites(true);
+            }
+            if name == "ticket-sites-100k" {
+                held.extend((0..100_000).map(|_| Ticket::new(&BENCH)));
+            }
             let go = || {
                 // Warm up once so that one-time work (registering the kind and the
                 // thread's counters) is counted in the N = 0 run as well.
@@ -222,6 +234,7 @@ fn main() {
             } else {
                 go();
             }
+            drop(black_box(held));
         }
     }
     black_box(state.n.get());
