@@ -449,3 +449,40 @@ fn a_ticket_acquired_during_thread_local_destruction_is_listed() {
     drop(ticket);
     assert!(live_of("test::late").is_empty());
 }
+
+#[test]
+fn snapshots_during_churn_never_overstate_live_nor_go_negative() {
+    // Four threads acquire and release one ticket at a time, so at most four are ever
+    // alive; a snapshot taken meanwhile must never count more than that, nor fewer
+    // than none. (Reading `released` before `acquired` counted every acquisition made
+    // between the two reads as live: overstated by hundreds on a busy machine.)
+    static CHURN: Kind = Kind::new("test::churn");
+    const THREADS: i64 = 4;
+    const PER_THREAD: usize = 300_000;
+    let running = std::sync::atomic::AtomicI64::new(THREADS);
+    let start = std::sync::Barrier::new(THREADS as usize + 1);
+    let (mut worst, mut snapshots) = ((0, 0), 0);
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            s.spawn(|| {
+                start.wait();
+                for _ in 0..PER_THREAD {
+                    drop(Ticket::new(&CHURN));
+                }
+                running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            });
+        }
+        start.wait();
+        while running.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            let live = ledger::snapshot().get("test::churn").live();
+            worst = (worst.0.min(live), worst.1.max(live));
+            snapshots += 1;
+        }
+    });
+    assert!(snapshots > 100, "only {snapshots} snapshots overlapped the churn");
+    assert!(
+        worst.0 >= 0 && worst.1 <= THREADS,
+        "live ranged over {worst:?}, possible: 0..={THREADS}"
+    );
+    assert_eq!(ledger::snapshot().get("test::churn").live(), 0);
+}
