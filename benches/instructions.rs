@@ -52,6 +52,7 @@ const SCENARIOS: &[Scenario] = &[
     ("defer-hand-written", hand_written),
     ("defer-scopeguard", scopeguard_defer),
     ("defer-scope-1", scope_1),
+    ("defer-scope-1-opaque", scope_1_opaque),
     ("defer-scope-8", scope_8),
     ("stack8-vec", stack8_vec),
     ("stack8-close", stack8_close),
@@ -109,6 +110,23 @@ fn scope_1(s: &State) {
     let n = black_box(&s.n);
     let r: Result<(), custodian::ScopeError<()>> = custodian::scope(|sc| {
         sc.defer(|| n.set(black_box(n.get() + 1)));
+        Ok(())
+    });
+    black_box(r).ok();
+}
+
+/// The same, with the cleanup registered by a function the compiler does not inline: it
+/// can no longer follow the cleanup from registration to run, so this is the cost of the
+/// general path (a body that hands the scope to other functions).
+#[inline(never)]
+fn scope_1_opaque(s: &State) {
+    #[inline(never)]
+    fn register<'a>(sc: &custodian::Scope<'a, ()>, n: &'a Cell<u64>) {
+        sc.defer(|| n.set(black_box(n.get() + 1)));
+    }
+    let n = black_box(&s.n);
+    let r: Result<(), custodian::ScopeError<()>> = custodian::scope(|sc| {
+        black_box(register)(sc, n);
         Ok(())
     });
     black_box(r).ok();
