@@ -104,6 +104,22 @@ struct Entry<E> {
     site: &'static Location<'static>,
 }
 
+impl<E> Entry<E> {
+    #[inline(always)]
+    fn new<'a, C: Cleanup<'a, E> + 'a>(
+        label: &'static str,
+        site: &'static Location<'static>,
+        cleanup: C,
+    ) -> Entry<E> {
+        Entry {
+            cleanup: Slot::new(cleanup),
+            run: run_slot::<E, C>,
+            label,
+            site,
+        }
+    }
+}
+
 /// How many cleanups a scope keeps in place before it allocates.
 const INLINE: usize = 4;
 
@@ -306,22 +322,21 @@ impl<'a, E> Scope<'a, E> {
     #[track_caller]
     #[inline]
     fn push<C: Cleanup<'a, E> + 'a>(&self, label: &'static str, cleanup: C) {
-        let entry = Entry {
-            cleanup: Slot::new(cleanup),
-            run: run_slot::<E, C>,
-            label,
-            site: Location::caller(),
-        };
+        let site = Location::caller();
         let len = self.len.get();
+        // The entry is built in each branch rather than once ahead of them: built ahead,
+        // it is assembled on the stack with word stores and copied with wider loads,
+        // which stalls store-to-load forwarding (a scope with one cleanup registered out
+        // of line measured about 1.6x slower for that alone).
         if len < INLINE {
             // SAFETY: no reference into `inline` is ever handed out or kept across a call
             // (`pop` reads by value), and `Scope` is not `Sync`, so this is the only
             // access; slot `len` is not initialised (only `..len` are), so nothing is
             // overwritten, and it becomes part of `..len` just below.
-            unsafe { (*self.inline.get())[len].write(entry) };
+            unsafe { (*self.inline.get())[len].write(Entry::new(label, site, cleanup)) };
             self.len.set(len + 1);
         } else {
-            self.push_spilled(entry);
+            self.push_spilled(Entry::new(label, site, cleanup));
         }
     }
 
