@@ -479,7 +479,10 @@ fn snapshots_during_churn_never_overstate_live_nor_go_negative() {
             snapshots += 1;
         }
     });
-    assert!(snapshots > 100, "only {snapshots} snapshots overlapped the churn");
+    assert!(
+        snapshots > 100,
+        "only {snapshots} snapshots overlapped the churn"
+    );
     assert!(
         worst.0 >= 0 && worst.1 <= THREADS,
         "live ranged over {worst:?}, possible: 0..={THREADS}"

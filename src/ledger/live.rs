@@ -317,17 +317,19 @@ pub fn live() -> Vec<LiveResource> {
     let mut all = Vec::new();
     for slab in &SLAB {
         let entries = slab.lock();
-        all.extend(entries.slots.iter().filter_map(|slot| match slot {
-            Slot::Live(e) => Some(LiveResource {
-                id: e.id,
-                kind: e.kind.name(),
-                site: e.site,
-                since: now
-                    .checked_sub(Duration::from_nanos(coarse.saturating_sub(e.since)))
-                    .unwrap_or(now),
-                thread: e.thread,
-            }),
-            Slot::Free(_) => None,
+        all.extend(entries.slots.iter().filter_map(|slot| {
+            match slot {
+                Slot::Live(e) => Some(LiveResource {
+                    id: e.id,
+                    kind: e.kind.name(),
+                    site: e.site,
+                    since: now
+                        .checked_sub(Duration::from_nanos(coarse.saturating_sub(e.since)))
+                        .unwrap_or(now),
+                    thread: e.thread,
+                }),
+                Slot::Free(_) => None,
+            }
         }));
     }
     all.sort_by_key(|r| r.id);
