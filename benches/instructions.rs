@@ -82,6 +82,7 @@ const SCENARIOS: &[Scenario] = &[
     ("defer-hand-written", Body::Each(hand_written)),
     ("defer-scopeguard", Body::Each(scopeguard_defer)),
     ("defer-scope-1", Body::Each(scope_1)),
+    ("defer-scope-1-opaque", Body::Each(scope_1_opaque)),
     ("defer-scope-8", Body::Each(scope_8)),
     ("stack8-vec", Body::Each(stack8_vec)),
     ("stack8-close", Body::Each(stack8_close)),
@@ -89,6 +90,10 @@ const SCENARIOS: &[Scenario] = &[
     ("ticket-nothing", Body::Each(ticket_nothing)),
     ("ticket", Body::Each(ticket)),
     ("ticket-filtered-subscriber", Body::Each(ticket)),
+    // Site tracking on (the debug-build default), with only the measured ticket alive and
+    // with 100 000 other tickets alive: the cost must not grow with the live set.
+    ("ticket-sites-1", Body::Each(ticket)),
+    ("ticket-sites-100k", Body::Each(ticket)),
     #[cfg(unix)]
     ("lock-by-hand", Body::Each(os::lock_by_hand)),
     #[cfg(unix)]
@@ -347,6 +352,23 @@ fn scope_1(s: &State) {
     black_box(r).ok();
 }
 
+/// The same, with the cleanup registered by a function the compiler does not inline: it
+/// can no longer follow the cleanup from registration to run, so this is the cost of the
+/// general path (a body that hands the scope to other functions).
+#[inline(never)]
+fn scope_1_opaque(s: &State) {
+    #[inline(never)]
+    fn register<'a>(sc: &custodian::Scope<'a, ()>, n: &'a Cell<u64>) {
+        sc.defer(|| n.set(black_box(n.get() + 1)));
+    }
+    let n = black_box(&s.n);
+    let r: Result<(), custodian::ScopeError<()>> = custodian::scope(|sc| {
+        black_box(register)(sc, n);
+        Ok(())
+    });
+    black_box(r).ok();
+}
+
 #[inline(never)]
 fn scope_8(s: &State) {
     let n = black_box(&s.n);
@@ -458,6 +480,14 @@ fn main() {
                 std::process::exit(2);
             };
             let iterations: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1);
+            // Setup, done in the N = 0 run as well, so it cancels out.
+            let mut held = Vec::new();
+            if name.starts_with("ticket-sites") {
+                ledger::track_sites(true);
+            }
+            if name == "ticket-sites-100k" {
+                held.extend((0..100_000).map(|_| Ticket::new(&BENCH)));
+            }
             let go = || {
                 // Warm up once so that one-time work (registering the kind and the
                 // thread's counters) is counted in the N = 0 run as well.
@@ -473,6 +503,7 @@ fn main() {
             } else {
                 go();
             }
+            drop(black_box(held));
         }
     }
     black_box(state.n.get());

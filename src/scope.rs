@@ -1,13 +1,12 @@
 //! `scope`: Python's `with` / `try…finally`, aware of how the body ended.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell, UnsafeCell};
 use std::error::Error;
 use std::fmt;
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 use std::panic::Location;
 use std::ptr::NonNull;
-
-use smallvec::SmallVec;
 
 use crate::Close;
 use crate::error::{BoxError, CleanupError, CleanupErrors, run_caught};
@@ -105,6 +104,25 @@ struct Entry<E> {
     site: &'static Location<'static>,
 }
 
+impl<E> Entry<E> {
+    #[inline(always)]
+    fn new<'a, C: Cleanup<'a, E> + 'a>(
+        label: &'static str,
+        site: &'static Location<'static>,
+        cleanup: C,
+    ) -> Entry<E> {
+        Entry {
+            cleanup: Slot::new(cleanup),
+            run: run_slot::<E, C>,
+            label,
+            site,
+        }
+    }
+}
+
+/// How many cleanups a scope keeps in place before it allocates.
+const INLINE: usize = 4;
+
 /// The cleanups of one [`scope`] call, given to the body as `&Scope`.
 ///
 /// Its methods take `&self`, so the body can keep using a guard returned by
@@ -113,7 +131,16 @@ struct Entry<E> {
 /// `'a` is how long the cleanups may borrow from: closures can capture references to
 /// local variables that outlive the `scope` call.
 pub struct Scope<'a, E> {
-    entries: RefCell<SmallVec<[Entry<E>; 4]>>,
+    /// The first [`INLINE`] cleanups, in registration order: `inline[..len]` are
+    /// initialised, the rest are not. A plain array and a count rather than a
+    /// `RefCell<SmallVec>`: registering a cleanup is a few stores and an increment, with
+    /// no borrow flag and no inline-or-heap test, and when the body is inlined into
+    /// [`scope`] the compiler follows each cleanup from its registration to its run
+    /// (a direct, inlined call instead of one through a function pointer).
+    inline: UnsafeCell<[MaybeUninit<Entry<E>>; INLINE]>,
+    len: Cell<usize>,
+    /// The cleanups after the first [`INLINE`], in registration order.
+    spill: RefCell<Vec<Entry<E>>>,
     /// The scope owns cleanups that may borrow for `'a` (for drop check), is invariant
     /// in `'a` (a cleanup registered through `&Scope<'a, _>` must not borrow anything
     /// shorter) and is neither `Send` nor `Sync` (the cleanups need not be).
@@ -147,7 +174,7 @@ pub struct Scope<'a, E> {
 /// event): it never stops the other cleanups and never aborts the process.
 ///
 /// ```
-/// use std::cell::RefCell;
+/// use std::cell::{Cell, RefCell, UnsafeCell};
 ///
 /// let log = RefCell::new(Vec::new());
 /// let result: Result<(), _> = custodian::scope(|s| {
@@ -165,7 +192,9 @@ where
     F: FnOnce(&Scope<'a, E>) -> Result<T, E>,
 {
     let mut scope = Scope {
-        entries: RefCell::new(SmallVec::new()),
+        inline: UnsafeCell::new([const { MaybeUninit::uninit() }; INLINE]),
+        len: Cell::new(0),
+        spill: RefCell::new(Vec::new()),
         _owns: PhantomData,
     };
     // If `body` panics, `scope` is dropped during the unwind and runs the cleanups with
@@ -293,14 +322,50 @@ impl<'a, E> Scope<'a, E> {
     #[track_caller]
     #[inline]
     fn push<C: Cleanup<'a, E> + 'a>(&self, label: &'static str, cleanup: C) {
-        self.entries.borrow_mut().push(Entry {
-            cleanup: Slot::new(cleanup),
-            run: run_slot::<E, C>,
-            label,
-            site: Location::caller(),
-        });
+        let site = Location::caller();
+        let len = self.len.get();
+        // The entry is built in each branch rather than once ahead of them: built ahead,
+        // it is assembled on the stack with word stores and copied with wider loads,
+        // which stalls store-to-load forwarding (a scope with one cleanup registered out
+        // of line measured about 1.6x slower for that alone).
+        if len < INLINE {
+            // SAFETY: no reference into `inline` is ever handed out or kept across a call
+            // (`pop` reads by value), and `Scope` is not `Sync`, so this is the only
+            // access; slot `len` is not initialised (only `..len` are), so nothing is
+            // overwritten, and it becomes part of `..len` just below.
+            unsafe { (*self.inline.get())[len].write(Entry::new(label, site, cleanup)) };
+            self.len.set(len + 1);
+        } else {
+            self.push_spilled(Entry::new(label, site, cleanup));
+        }
     }
 
+    #[cold]
+    fn push_spilled(&self, entry: Entry<E>) {
+        self.spill.borrow_mut().push(entry);
+    }
+
+    /// Takes the last registered cleanup out of the list.
+    #[inline(always)]
+    fn pop(&mut self) -> Option<Entry<E>> {
+        if let Some(entry) = self.spill.get_mut().pop() {
+            return Some(entry);
+        }
+        let len = self.len.get().checked_sub(1)?;
+        self.len.set(len);
+        // SAFETY: slot `len` was initialised (it was in `..len + 1`) and has just left
+        // `..len`, so it is read out exactly once; `&mut self` rules out any other access.
+        Some(unsafe { self.inline.get_mut()[len].assume_init_read() })
+    }
+
+    #[inline]
+    fn is_empty(&mut self) -> bool {
+        self.len.get() == 0 && self.spill.get_mut().is_empty()
+    }
+
+    // Always inlined into `scope`, so that the compiler sees a cleanup from its
+    // registration to its run (about 40 instructions less for a one-cleanup scope).
+    #[inline(always)]
     fn run_all(&mut self, outcome: &Outcome<'_, E>) -> CleanupErrors {
         let mut errors = CleanupErrors::default();
         // One entry at a time, so that if this loop were ever interrupted, `Drop` would
@@ -310,7 +375,7 @@ impl<'a, E> Scope<'a, E> {
             run,
             label,
             site,
-        }) = self.entries.get_mut().pop()
+        }) = self.pop()
         {
             // SAFETY: `push` made `run` for the type stored in `cleanup`, and the entry
             // has just left the list, so its slot is consumed exactly once.
@@ -326,7 +391,7 @@ impl<E> Drop for Scope<'_, E> {
     /// Runs only when the body panicked: `scope` empties the list on every other path.
     #[inline]
     fn drop(&mut self) {
-        if self.entries.get_mut().is_empty() {
+        if self.is_empty() {
             return;
         }
         self.unwind();
@@ -356,7 +421,7 @@ fn report_during_unwind(e: &CleanupError) {
 impl<E> fmt::Debug for Scope<'_, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Scope")
-            .field("pending", &self.entries.borrow().len())
+            .field("pending", &(self.len.get() + self.spill.borrow().len()))
             .finish()
     }
 }

@@ -271,11 +271,7 @@ impl Start {
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
-#[inline]
-fn coarse_now() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
-    (t.tv_sec as u64).wrapping_mul(1_000_000_000) + t.tv_nsec as u64
-}
+use crate::ledger::clock::coarse_now;
 
 /// The shortest limit timed with the cheap coarse clock: ten of its ticks, so that its
 /// error stays under a tenth of the limit. `Duration::MAX` where there is no coarse

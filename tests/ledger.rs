@@ -309,3 +309,183 @@ fn a_ticket_is_released_when_its_thread_panics() {
     let c = ledger::snapshot().get("test::unwound");
     assert_eq!((c.acquired, c.released), (2, 2));
 }
+
+/// The live resources of `kind`, as `live()` lists them.
+fn live_of(kind: &str) -> Vec<ledger::LiveResource> {
+    ledger::live()
+        .into_iter()
+        .filter(|r| r.kind() == kind)
+        .collect()
+}
+
+#[test]
+fn a_ticket_released_on_another_thread_leaves_the_live_list() {
+    static HANDED: Kind = Kind::new("test::handed_over");
+    ledger::track_sites(true);
+    let ticket = Ticket::new(&HANDED);
+    let me = std::thread::current().id();
+    let listed = live_of("test::handed_over");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].thread(), me);
+    std::thread::spawn(move || drop(ticket)).join().unwrap();
+    assert!(live_of("test::handed_over").is_empty());
+}
+
+#[test]
+fn tickets_outlive_the_thread_that_acquired_them() {
+    static ORPHAN: Kind = Kind::new("test::orphaned");
+    ledger::track_sites(true);
+    // The acquiring thread exits with its tickets alive: they stay listed under its id,
+    // and can be released later from here.
+    let (tickets, exited) = std::thread::spawn(|| {
+        let tickets: Vec<Ticket> = (0..100).map(|_| Ticket::new(&ORPHAN)).collect();
+        (tickets, std::thread::current().id())
+    })
+    .join()
+    .unwrap();
+    let listed = live_of("test::orphaned");
+    assert_eq!(listed.len(), 100);
+    assert!(listed.iter().all(|r| r.thread() == exited));
+    // New threads take over the exited threads' slabs: their own tickets come and go
+    // without disturbing the orphans.
+    for _ in 0..4 {
+        std::thread::spawn(|| {
+            let mine: Vec<Ticket> = (0..50).map(|_| Ticket::new(&ORPHAN)).collect();
+            assert_eq!(live_of("test::orphaned").len(), 150);
+            drop(mine);
+        })
+        .join()
+        .unwrap();
+    }
+    assert_eq!(live_of("test::orphaned").len(), 100);
+    let mut tickets = tickets;
+    // Release every other one, then the rest: freed slots are reused, never confused.
+    let odd: Vec<Ticket> = (0..50).map(|i| tickets.remove(i)).collect();
+    drop(odd);
+    assert_eq!(live_of("test::orphaned").len(), 50);
+    let again: Vec<Ticket> = (0..30).map(|_| Ticket::new(&ORPHAN)).collect();
+    assert_eq!(live_of("test::orphaned").len(), 80);
+    drop((tickets, again));
+    assert!(live_of("test::orphaned").is_empty());
+}
+
+#[test]
+fn more_threads_than_slabs_are_all_listed_and_released() {
+    static CROWD: Kind = Kind::new("test::crowd");
+    ledger::track_sites(true);
+    const THREADS: usize = 150;
+    let all_in = std::sync::Barrier::new(THREADS + 1);
+    let counted = std::sync::Barrier::new(THREADS + 1);
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            s.spawn(|| {
+                let t = Ticket::new(&CROWD);
+                all_in.wait();
+                counted.wait();
+                drop(t);
+            });
+        }
+        all_in.wait();
+        let listed = live_of("test::crowd");
+        assert_eq!(listed.len(), THREADS);
+        let threads: std::collections::HashSet<_> = listed.iter().map(|r| r.thread()).collect();
+        assert_eq!(threads.len(), THREADS);
+        counted.wait();
+    });
+    assert!(live_of("test::crowd").is_empty());
+}
+
+#[test]
+fn the_live_list_is_oldest_first_and_ages_grow() {
+    static AGED: Kind = Kind::new("test::aged");
+    ledger::track_sites(true);
+    let old = Ticket::new(&AGED);
+    let old_line = line!() - 1;
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let young = Ticket::new(&AGED);
+    let listed = live_of("test::aged");
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].site().line(), old_line, "oldest first");
+    // The coarse clock is behind by less than one tick (at most 10 ms).
+    assert!(
+        listed[0].age() >= std::time::Duration::from_millis(85),
+        "{:?}",
+        listed[0].age()
+    );
+    assert!(listed[0].age() > listed[1].age());
+    let before = listed[1].age();
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert!(listed[1].age() > before, "a listed age keeps growing");
+    drop((old, young));
+}
+
+#[test]
+fn a_ticket_acquired_during_thread_local_destruction_is_listed() {
+    static LATE: Kind = Kind::new("test::late");
+    static OUT: std::sync::Mutex<Option<Ticket>> = std::sync::Mutex::new(None);
+    struct AcquiresOnDrop;
+    impl Drop for AcquiresOnDrop {
+        fn drop(&mut self) {
+            *OUT.lock().unwrap() = Some(Ticket::new(&LATE));
+        }
+    }
+    thread_local! {
+        static LATER: AcquiresOnDrop = const { AcquiresOnDrop };
+    }
+    ledger::track_sites(true);
+    let thread = std::thread::spawn(|| {
+        // Touch the ledger first, so its own thread-locals may be gone by the time
+        // `LATER` is destroyed.
+        drop(Ticket::new(&LATE));
+        LATER.with(|_| ());
+        std::thread::current().id()
+    })
+    .join()
+    .unwrap();
+    let ticket = OUT.lock().unwrap().take().expect("acquired at thread exit");
+    let listed = live_of("test::late");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].thread(), thread);
+    drop(ticket);
+    assert!(live_of("test::late").is_empty());
+}
+
+#[test]
+fn snapshots_during_churn_never_overstate_live_nor_go_negative() {
+    // Four threads acquire and release one ticket at a time, so at most four are ever
+    // alive; a snapshot taken meanwhile must never count more than that, nor fewer
+    // than none. (Reading `released` before `acquired` counted every acquisition made
+    // between the two reads as live: overstated by hundreds on a busy machine.)
+    static CHURN: Kind = Kind::new("test::churn");
+    const THREADS: i64 = 4;
+    const PER_THREAD: usize = 300_000;
+    let running = std::sync::atomic::AtomicI64::new(THREADS);
+    let start = std::sync::Barrier::new(THREADS as usize + 1);
+    let (mut worst, mut snapshots) = ((0, 0), 0);
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            s.spawn(|| {
+                start.wait();
+                for _ in 0..PER_THREAD {
+                    drop(Ticket::new(&CHURN));
+                }
+                running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            });
+        }
+        start.wait();
+        while running.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            let live = ledger::snapshot().get("test::churn").live();
+            worst = (worst.0.min(live), worst.1.max(live));
+            snapshots += 1;
+        }
+    });
+    assert!(
+        snapshots > 100,
+        "only {snapshots} snapshots overlapped the churn"
+    );
+    assert!(
+        worst.0 >= 0 && worst.1 <= THREADS,
+        "live ranged over {worst:?}, possible: 0..={THREADS}"
+    );
+    assert_eq!(ledger::snapshot().get("test::churn").live(), 0);
+}

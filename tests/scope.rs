@@ -314,3 +314,39 @@ fn scope_error_converts_into_io_error_without_losing_anything() {
         "{shown}"
     );
 }
+
+#[test]
+fn more_cleanups_than_fit_inline_run_lifo_on_every_outcome() {
+    // The first cleanups are kept in place, the rest in a list on the heap: the order
+    // and the outcome checks must not depend on where a cleanup is kept.
+    for outcome in ["ok", "err", "panic"] {
+        let log = RefCell::new(Vec::new());
+        let caught = panic::catch_unwind(AssertUnwindSafe(|| {
+            scope(|s| {
+                let log = &log;
+                for i in 0..10 {
+                    s.defer(move || log.borrow_mut().push(format!("defer {i}")));
+                    s.on_success(move || log.borrow_mut().push(format!("success {i}")));
+                    s.on_err(move |_: &&str| log.borrow_mut().push(format!("err {i}")));
+                    s.on_unwind(move || log.borrow_mut().push(format!("unwind {i}")));
+                }
+                match outcome {
+                    "ok" => Ok(()),
+                    "err" => Err("failed"),
+                    _ => panic!("boom"),
+                }
+            })
+        }));
+        assert_eq!(caught.is_err(), outcome == "panic");
+        let which = match outcome {
+            "ok" => "success",
+            "err" => "err",
+            _ => "unwind",
+        };
+        let expected: Vec<String> = (0..10)
+            .rev()
+            .flat_map(|i| [format!("{which} {i}"), format!("defer {i}")])
+            .collect();
+        assert_eq!(*log.borrow(), expected, "{outcome}");
+    }
+}

@@ -190,9 +190,16 @@ pub(crate) fn totals() -> Vec<(&'static str, u64, u64, u64)> {
         .iter()
         .enumerate()
         .map(|(slot, kind)| {
-            // Releases are read before acquisitions: a release that is seen happened
-            // after its acquisition was counted (Release/Acquire), so live never goes
-            // below zero even while other threads are busy.
+            // Acquisitions are read before releases, so that `acquired - released` is
+            // never more than the number of resources alive at the moment the last
+            // acquisition counter was read: a release counted after that moment can
+            // only lower it. The other order counted every acquisition made between
+            // the two reads as live, which overstated `live` by orders of magnitude
+            // while other threads were busy. In this order a release can be seen whose
+            // acquisition was made after its counter was read; `released` is capped at
+            // `acquired` so that `live` never goes below zero (the cap is still at least
+            // every release that happened before the call: those acquisitions were
+            // counted before it too).
             let sum = |event: Event| -> u64 {
                 let local: u64 = registry
                     .threads
@@ -208,8 +215,8 @@ pub(crate) fn totals() -> Vec<(&'static str, u64, u64, u64)> {
                     .sum();
                 local + kind.global(event).load(Ordering::Acquire)
             };
-            let released = sum(Event::Released);
             let acquired = sum(Event::Acquired);
+            let released = sum(Event::Released).min(acquired);
             (
                 kind.name,
                 acquired,

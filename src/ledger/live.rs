@@ -1,9 +1,17 @@
 //! Site tracking: which resources are alive, where they were acquired and since when.
 //!
-//! Off by default in release builds (it takes a lock per acquire and release), on in debug
-//! builds, switchable with [`track_sites`], and always on while a [`LeakCheck`] is active.
+//! Off by default in release builds, on in debug builds, switchable with [`track_sites`],
+//! and always on while a [`LeakCheck`] is active.
+//!
+//! # Cost
+//! Insert and remove are O(1) whatever the number of live resources: each thread records
+//! its resources in a slab of its own (a `Vec` of entries with a free list, behind a
+//! mutex that only that thread takes, except for the rare release of a resource on
+//! another thread and for [`live`]), and the ticket keeps the slab and slot it was given,
+//! so removing is an index, never a search. A slab whose thread exited keeps its live
+//! entries and goes to the next new thread. The acquisition time is read from the
+//! coarse clock (see `clock.rs`), so an age is precise to a few milliseconds.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::panic::Location;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -12,6 +20,7 @@ use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use super::Kind;
+use super::clock::coarse_now;
 
 /// `true` when new tickets record their site. Derived from the two settings below.
 static ENABLED: AtomicBool = AtomicBool::new(cfg!(debug_assertions));
@@ -21,33 +30,160 @@ static USER: AtomicBool = AtomicBool::new(cfg!(debug_assertions));
 static FORCED: AtomicUsize = AtomicUsize::new(0);
 /// Serialises updates of `ENABLED` so that it always equals `USER || FORCED > 0`.
 static SETTING: Mutex<()> = Mutex::new(());
+/// Acquisition order: [`live`] lists oldest first, and a [`LeakCheck`] looks only at ids
+/// handed out after it started.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-const SHARDS: usize = 16;
+/// Slabs for this many threads at once; threads beyond that share them (still correct,
+/// since every slab has its own lock, only less private).
+const SLABS: usize = 64;
 
 #[derive(Clone, Copy)]
 struct Entry {
+    id: u64,
     kind: &'static Kind,
     site: &'static Location<'static>,
-    since: Instant,
+    /// Nanoseconds on the coarse clock.
+    since: u64,
     thread: ThreadId,
 }
 
-#[allow(clippy::declare_interior_mutable_const)] // used only to initialise the array below
-const EMPTY: Mutex<BTreeMap<u64, Entry>> = Mutex::new(BTreeMap::new());
-static LIVE: [Mutex<BTreeMap<u64, Entry>>; SHARDS] = [EMPTY; SHARDS];
+enum Slot {
+    Live(Entry),
+    /// A free slot: the next free one's index plus one, 0 at the end of the list.
+    Free(u32),
+}
 
-fn shard(id: u64) -> MutexGuard<'static, BTreeMap<u64, Entry>> {
-    LIVE[id as usize % SHARDS]
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
+/// One thread's live resources (and those left by the threads that had the slab
+/// before it). Its `Vec` keeps its largest size. Cache-line aligned so that two threads' slabs never
+/// share a line.
+#[repr(align(64))]
+struct Slab(Mutex<Entries>);
+
+struct Entries {
+    slots: Vec<Slot>,
+    /// The first free slot's index plus one, 0 when none is free.
+    free: u32,
+}
+
+static SLAB: [Slab; SLABS] = [const {
+    Slab(Mutex::new(Entries {
+        slots: Vec::new(),
+        free: 0,
+    }))
+}; SLABS];
+
+impl Slab {
+    fn lock(&self) -> MutexGuard<'_, Entries> {
+        // Nothing panics while the lock is held; if something did, the slots are still
+        // consistent (each update is a single write), so ignore the poison.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Entries {
+    /// Stores `entry`; returns its slot's index, or `None` (left untracked) in the
+    /// impossible case of 2^32 live resources in one slab.
+    #[inline]
+    fn insert(&mut self, entry: Entry) -> Option<u32> {
+        match self.free {
+            0 => {
+                let index = u32::try_from(self.slots.len())
+                    .ok()
+                    .filter(|&i| i < u32::MAX)?;
+                self.slots.push(Slot::Live(entry));
+                Some(index)
+            }
+            free => {
+                let index = free - 1;
+                let slot = &mut self.slots[index as usize];
+                if let Slot::Free(next) = *slot {
+                    self.free = next;
+                }
+                *slot = Slot::Live(entry);
+                Some(index)
+            }
+        }
+    }
+
+    #[inline]
+    fn remove(&mut self, index: u32) {
+        if let Some(slot) = self.slots.get_mut(index as usize) {
+            *slot = Slot::Free(self.free);
+            self.free = index + 1;
+        }
+    }
+}
+
+/// Which slabs are free to give to a new thread.
+struct Pool {
+    /// Slabs whose thread exited (their live entries stay).
+    idle: Vec<u32>,
+    /// How many slabs have been handed out for the first time.
+    claimed: usize,
+    /// Round-robin counter for sharing slabs once all are taken.
+    shared: usize,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    idle: Vec::new(),
+    claimed: 0,
+    shared: 0,
+});
+
+fn pool() -> MutexGuard<'static, Pool> {
+    POOL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// This thread's slab and id, looked up once per thread.
+struct Home {
+    slab: u32,
+    thread: ThreadId,
+    /// `false` for a slab shared because all were taken: it is not given back.
+    owned: bool,
+}
+
+impl Home {
+    fn claim() -> Home {
+        let thread = thread::current().id();
+        let mut pool = pool();
+        let (slab, owned) = if let Some(slab) = pool.idle.pop() {
+            (slab, true)
+        } else if pool.claimed < SLABS {
+            pool.claimed += 1;
+            (pool.claimed as u32 - 1, true)
+        } else {
+            pool.shared += 1;
+            ((pool.shared % SLABS) as u32, false)
+        };
+        Home {
+            slab,
+            thread,
+            owned,
+        }
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        // The slab's live entries stay: their tickets may still be released from other
+        // threads, and [`live`] still lists them with this thread's id.
+        if self.owned {
+            pool().idle.push(self.slab);
+        }
+    }
+}
+
+thread_local! {
+    static HOME: Home = Home::claim();
 }
 
 /// Turns site tracking on or off for tickets created from now on.
 ///
 /// Per-kind counters are always kept; site tracking adds the acquisition site and age of
 /// each live resource to [`live`] and the [`report`](super::report), at the cost of a
-/// short lock per acquire and release. It is on by default in debug builds and off in
+/// lock of the thread's own slab (uncontended) per acquire and release, whatever the
+/// number of live resources. It is on by default in debug builds and off in
 /// release builds. A [`LeakCheck`] (and [`assert_no_leaks`]) turns it on while active,
 /// whatever this setting says.
 ///
@@ -73,7 +209,8 @@ fn force(delta: isize) {
     );
 }
 
-/// Records a live resource if tracking is on; returns its id, or 0 when untracked.
+/// Records a live resource if tracking is on; returns the key [`remove`] takes, or 0 when
+/// untracked.
 #[inline]
 pub(crate) fn insert(kind: &'static Kind, site: &'static Location<'static>) -> u64 {
     if !ENABLED.load(Ordering::Relaxed) {
@@ -84,21 +221,32 @@ pub(crate) fn insert(kind: &'static Kind, site: &'static Location<'static>) -> u
 
 #[cold]
 fn insert_slow(kind: &'static Kind, site: &'static Location<'static>) -> u64 {
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    // During thread-local destruction `HOME` may be gone: use the first slab, and
+    // `thread::current`, which never panics, even then.
+    let (slab, thread) = HOME
+        .try_with(|home| (home.slab, home.thread))
+        .unwrap_or_else(|_| (0, thread::current().id()));
     let entry = Entry {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         kind,
         site,
-        since: Instant::now(),
-        // `thread::current` never panics, even during thread-local destruction.
-        thread: thread::current().id(),
+        since: coarse_now(),
+        thread,
     };
-    shard(id).insert(id, entry);
-    id
+    // `% SLABS` never changes a valid index; it spares a bounds check.
+    match SLAB[slab as usize % SLABS].lock().insert(entry) {
+        // Never 0: the slot index is stored plus one.
+        Some(index) => (u64::from(slab) << 32) | (u64::from(index) + 1),
+        None => 0,
+    }
 }
 
+/// Forgets the live resource `key` (from [`insert`]), from any thread.
 #[cold]
-pub(crate) fn remove(id: u64) {
-    shard(id).remove(&id);
+pub(crate) fn remove(key: u64) {
+    let slab = (key >> 32) as usize % SLABS;
+    let index = (key as u32).wrapping_sub(1);
+    SLAB[slab].lock().remove(index);
 }
 
 /// One live resource, as listed by [`live`].
@@ -122,7 +270,8 @@ impl LiveResource {
         self.site
     }
 
-    /// How long the resource has been alive.
+    /// How long the resource has been alive, to within one tick of the kernel's coarse
+    /// clock (a few milliseconds; see [`coarse_limit`](crate::sync::coarse_limit)).
     pub fn age(&self) -> Duration {
         self.since.elapsed()
     }
@@ -161,22 +310,28 @@ impl fmt::Display for LiveResource {
 /// drop(stack);
 /// ```
 pub fn live() -> Vec<LiveResource> {
-    let mut all: Vec<LiveResource> = LIVE
-        .iter()
-        .flat_map(|shard| {
-            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            shard
-                .iter()
-                .map(|(&id, e)| LiveResource {
-                    id,
+    // Ages are measured on the coarse clock and turned into `Instant`s once, here, so
+    // that `LiveResource::age` keeps growing while the list is kept.
+    let now = Instant::now();
+    let coarse = coarse_now();
+    let mut all = Vec::new();
+    for slab in &SLAB {
+        let entries = slab.lock();
+        all.extend(entries.slots.iter().filter_map(|slot| {
+            match slot {
+                Slot::Live(e) => Some(LiveResource {
+                    id: e.id,
                     kind: e.kind.name(),
                     site: e.site,
-                    since: e.since,
+                    since: now
+                        .checked_sub(Duration::from_nanos(coarse.saturating_sub(e.since)))
+                        .unwrap_or(now),
                     thread: e.thread,
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
+                }),
+                Slot::Free(_) => None,
+            }
+        }));
+    }
     all.sort_by_key(|r| r.id);
     all
 }

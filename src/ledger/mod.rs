@@ -24,6 +24,7 @@
 //! assert_eq!(ledger::snapshot().since(&before).get("custodian::CleanupStack").live(), 0);
 //! ```
 
+pub(crate) mod clock;
 mod counters;
 pub(crate) mod events;
 mod live;

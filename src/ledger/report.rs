@@ -31,8 +31,16 @@ pub struct Snapshot {
 
 /// The ledger's counters now, per kind.
 ///
-/// Exact: every acquisition and release that happened before the call (in the
-/// happens-before sense) is counted, on every thread.
+/// Every acquisition and release that happened before the call (in the happens-before
+/// sense) is counted, on every thread; when no other thread is acquiring or releasing,
+/// the figures are exact.
+///
+/// While other threads acquire and release, the counters move during the call. For
+/// each kind they are read so that [`Counts::live`] is **never more** than the number
+/// of that kind's resources alive at one moment during the call, and **never
+/// negative**: `acquired` is read first, then `released`, capped at `acquired`. Under
+/// churn `live` can therefore be low (a release counted whose acquisition came after
+/// the read), but never high: a snapshot never reports a leak that is not there.
 ///
 /// ```
 /// let snapshot = custodian::ledger::snapshot();

@@ -11,7 +11,8 @@ use super::{Event, Kind, events, live};
 /// and counts the failure.
 ///
 /// Cost: two thread-local counter updates (no lock, no atomic read-modify-write), plus,
-/// when site tracking is on, a short lock on acquire and release.
+/// when site tracking is on, an uncontended lock of the thread's own slab on acquire and
+/// release (O(1): the ticket keeps its slot).
 ///
 /// ```
 /// use custodian::ledger::{Kind, Ticket};
@@ -42,7 +43,7 @@ use super::{Event, Kind, events, live};
 pub struct Ticket {
     kind: &'static Kind,
     site: &'static Location<'static>,
-    /// The live-set id, or 0 when site tracking was off at creation.
+    /// The live-set key (slab and slot), or 0 when site tracking was off at creation.
     id: u64,
 }
 
