@@ -283,6 +283,62 @@ pub(crate) fn run_caught(
     }
 }
 
+/// The failure of a cleanup registered with a label of the user's (`defer_named`),
+/// carried through the cleanup's own `BoxError` so that the common, unlabelled entries
+/// keep a `&'static str` label; [`CleanupError::unwrap_named`] puts the label back.
+#[derive(Debug)]
+pub(crate) struct Named {
+    label: Cow<'static, str>,
+    cause: Cause,
+}
+
+impl fmt::Display for Named {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.cause {
+            Cause::Failed(e) => write!(f, "{}: {e}", self.label),
+            Cause::Panicked(m) => write!(f, "{}: panicked: {m}", self.label),
+        }
+    }
+}
+
+impl Error for Named {}
+
+/// Wraps a labelled cleanup: its error or panic comes out as a [`Named`] error.
+pub(crate) fn named<'a, Er: Into<BoxError>>(
+    label: Cow<'static, str>,
+    f: impl FnOnce() -> Result<(), Er> + 'a,
+) -> impl FnOnce() -> Result<(), BoxError> + 'a {
+    move || {
+        let cause = match panic::catch_unwind(AssertUnwindSafe(f)) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => Cause::Failed(e.into()),
+            Err(payload) => Cause::Panicked(panic_message(payload)),
+        };
+        Err(Box::new(Named { label, cause }))
+    }
+}
+
+impl CleanupError {
+    /// The failure of a `defer_named` cleanup under its own label; others unchanged.
+    #[cold]
+    pub(crate) fn unwrap_named(self) -> CleanupError {
+        match self.cause {
+            Cause::Failed(e) if e.is::<Named>() => match e.downcast::<Named>() {
+                Ok(named) => CleanupError {
+                    label: named.label,
+                    site: self.site,
+                    cause: named.cause,
+                },
+                Err(e) => CleanupError {
+                    cause: Cause::Failed(e),
+                    ..self
+                },
+            },
+            cause => CleanupError { cause, ..self },
+        }
+    }
+}
+
 /// The message of a panic payload. The payload is dropped here, and a payload whose own
 /// `Drop` panics is leaked rather than allowed to abort the process.
 fn panic_message(payload: Box<dyn Any + Send>) -> String {

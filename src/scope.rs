@@ -255,6 +255,32 @@ impl<'a, E> Scope<'a, E> {
         self.push("defer_fallible", Always(move || f().map_err(Into::into)));
     }
 
+    /// Like [`defer_fallible`](Self::defer_fallible), with a label of your choosing shown
+    /// in its [`CleanupError`](crate::CleanupError) and events instead of
+    /// `defer_fallible`: cleanups registered in a loop are told apart.
+    ///
+    /// ```
+    /// let err = custodian::scope(|s| {
+    ///     for path in ["/no/such/a", "/no/such/b"] {
+    ///         s.defer_named(format!("remove {path}"), move || std::fs::remove_file(path));
+    ///     }
+    ///     Ok::<_, std::io::Error>(())
+    /// })
+    /// .unwrap_err();
+    /// let labels: Vec<&str> = err.cleanup_errors().iter().map(|e| e.label()).collect();
+    /// assert_eq!(labels, ["remove /no/such/b", "remove /no/such/a"]);
+    /// ```
+    #[track_caller]
+    pub fn defer_named<Er>(
+        &self,
+        label: impl Into<std::borrow::Cow<'static, str>>,
+        f: impl FnOnce() -> Result<(), Er> + 'a,
+    ) where
+        Er: Into<BoxError>,
+    {
+        self.push("defer_named", Always(crate::error::named(label.into(), f)));
+    }
+
     /// Runs `f` when the body returned `Ok`.
     #[track_caller]
     pub fn on_success(&self, f: impl FnOnce() + 'a) {
@@ -380,7 +406,7 @@ impl<'a, E> Scope<'a, E> {
             // SAFETY: `push` made `run` for the type stored in `cleanup`, and the entry
             // has just left the list, so its slot is consumed exactly once.
             if let Err(e) = run_caught(label, site, || unsafe { run(cleanup, outcome) }) {
-                errors.push(e);
+                errors.push(e.unwrap_named());
             }
         }
         errors

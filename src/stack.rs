@@ -25,7 +25,7 @@ struct Entry {
     /// closed with, and decides whether to act on it.
     cleanup: Slot,
     run: unsafe fn(Slot, Outcome) -> Result<(), BoxError>,
-    label: Cow<'static, str>,
+    label: &'static str,
     site: &'static Location<'static>,
 }
 
@@ -166,7 +166,8 @@ impl CleanupStack {
     ) where
         E: Into<BoxError>,
     {
-        self.push_entry(label, move |_| f().map_err(Into::into));
+        let named = crate::error::named(label.into(), f);
+        self.push_entry("defer_named", move |_| named());
     }
 
     /// Pushes a cleanup that runs only if the stack ends in [`Outcome::Success`]: closed
@@ -251,14 +252,14 @@ impl CleanupStack {
     /// `F: Send` is what makes the stack `Send`: every entry is checked here.
     #[track_caller]
     #[inline]
-    fn push_entry<F>(&mut self, label: impl Into<Cow<'static, str>>, cleanup: F)
+    fn push_entry<F>(&mut self, label: &'static str, cleanup: F)
     where
         F: FnOnce(Outcome) -> Result<(), BoxError> + Send + 'static,
     {
         self.entries.push(Entry {
             cleanup: Slot::new(cleanup),
             run: run_slot::<F>,
-            label: label.into(),
+            label,
             site: Location::caller(),
         });
     }
@@ -365,7 +366,7 @@ impl CleanupStack {
                     // SAFETY: `push_entry` made `run` for the type stored in `cleanup`,
                     // and the entry has just left the list: its slot is consumed once.
                     if let Err(e) = unsafe { run(cleanup, outcome) } {
-                        errors.push(CleanupError::failed(label.clone(), site, e));
+                        errors.push(CleanupError::failed(*label, site, e).unwrap_named());
                     }
                 }
             }));

@@ -350,3 +350,34 @@ fn more_cleanups_than_fit_inline_run_lifo_on_every_outcome() {
         assert_eq!(*log.borrow(), expected, "{outcome}");
     }
 }
+
+#[test]
+fn named_cleanups_keep_their_label_when_they_fail_or_panic() {
+    let err = scope(|s| {
+        for name in ["a", "b"] {
+            s.defer_named(format!("remove {name}"), move || {
+                std::fs::remove_file(format!("/no/such/{name}"))
+            });
+        }
+        s.defer_named("flush the cache", || -> io::Result<()> {
+            panic!("cache gone")
+        });
+        Ok::<(), io::Error>(())
+    })
+    .unwrap_err();
+    let got: Vec<(String, String)> = err
+        .cleanup_errors()
+        .iter()
+        .map(|e| (e.label().to_owned(), e.cause().to_string()))
+        .collect();
+    assert_eq!(
+        got[0],
+        ("flush the cache".into(), "panicked: cache gone".into())
+    );
+    assert_eq!(got[1].0, "remove b");
+    assert_eq!(got[2].0, "remove a");
+    assert!(got[1].1.contains("No such file"), "{got:?}");
+    // The error itself is the one the cleanup returned, not a wrapper.
+    let first = err.cleanup_errors().iter().nth(1).unwrap();
+    assert!(first.error().unwrap().downcast_ref::<io::Error>().is_some());
+}
