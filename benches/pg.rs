@@ -192,6 +192,37 @@ fn instructions(conn: &str, which: &str, n: u32) {
             }
             "ours" | "fenced" => {
                 let mut session = options(conn, which == "fenced").connect().await.unwrap();
+                if std::env::var_os("PG_SIZES").is_some() {
+                    eprintln!("session {}", std::mem::size_of_val(&session));
+                    let s2 = options(conn, false).connect().await.unwrap();
+                    let f = s2.acquire(KEY);
+                    eprintln!("acquire future {}", std::mem::size_of_val(&f));
+                    let l = f.await.unwrap();
+                    eprintln!("lock {}", std::mem::size_of_val(&l));
+                    let r = l.release();
+                    eprintln!("release future {}", std::mem::size_of_val(&r));
+                    drop(r.await);
+                    eprintln!("ours future {}", std::mem::size_of_val(&ours(session)));
+                    let raw = Raw::connect(conn).await;
+                    let p: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&KEY];
+                    eprintln!(
+                        "query_one {}",
+                        std::mem::size_of_val(&raw.client.query_one(&raw.lock, &p))
+                    );
+                    eprintln!(
+                        "query {}",
+                        std::mem::size_of_val(&raw.client.query(&raw.lock, &p))
+                    );
+                    eprintln!(
+                        "query_raw {}",
+                        std::mem::size_of_val(&raw.client.query_raw(&raw.lock, p.iter().copied()))
+                    );
+                    eprintln!(
+                        "query_typed {}",
+                        std::mem::size_of_val(&raw.client.execute(&raw.lock, &p))
+                    );
+                    return;
+                }
                 session = ours(session).await;
                 for _ in 0..n {
                     session = ours(session).await;

@@ -543,14 +543,18 @@ fn a_lost_lock_counts_one_failure_in_the_ledger_with_its_error_event() {
                 .expect("lost() fired");
             // More checks would have run by now: none fires again.
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let lost = custodian::ledger::snapshot().since(&before).get("custodian::pg::PgLock");
+            let lost = custodian::ledger::snapshot()
+                .since(&before)
+                .get("custodian::pg::PgLock");
             assert_eq!(lost.failed, 2, "{lost:?}");
             // close() returns its error to the caller: not counted again.
             assert!(unlocked.close().await.is_err());
             assert!(killed.close().await.is_err());
         })
     });
-    let counts = custodian::ledger::snapshot().since(&before).get("custodian::pg::PgLock");
+    let counts = custodian::ledger::snapshot()
+        .since(&before)
+        .get("custodian::pg::PgLock");
     assert_eq!(counts.failed, 2, "{counts:?}");
     assert_eq!(counts.live(), 0, "{counts:?}");
     let lost: Vec<_> = events.iter().filter(|e| e.message == "lock lost").collect();
@@ -627,6 +631,44 @@ fn a_dropped_lock_is_unlocked_by_the_reaper_within_a_round_trip() {
         drop(lock); // never blocks
         let took = wait_free(&client, 9_009, Duration::from_secs(1)).await;
         assert!(took < Duration::from_secs(1), "{took:?}");
+    });
+}
+
+#[test]
+fn an_unlock_with_no_answer_closes_the_connection_after_the_unlock_timeout() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let client = raw(&conn).await;
+        let mut opts = options(&conn, "stalled");
+        opts.unlock_timeout(Duration::from_millis(300))
+            .check_interval(Duration::from_millis(100));
+        let lock = opts.acquire(9_014).await.unwrap();
+        let pid = lock.backend_pid().to_string();
+        // A stalled server: the backend process is stopped, the unlock gets no answer.
+        let signal = |sig: &str| {
+            let status = std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill {sig} {pid}");
+        };
+        signal("-STOP");
+        let _resume = custodian::guard((), |()| signal("-CONT"));
+        let start = Instant::now();
+        let err = lock.close().await.unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(
+            err.to_string().contains("9014") && err.to_string().contains("closed instead"),
+            "{err}"
+        );
+        // Not before the timeout; at most two check intervals after it (and slack).
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_millis(900), "{took:?}");
+        drop(_resume);
+        // Resumed, the backend finds its connection closed and exits: the lock is free.
+        wait_free(&client, 9_014, Duration::from_secs(5)).await;
     });
 }
 

@@ -1,6 +1,7 @@
 //! `PgLock`: the held advisory lock, its liveness watch and its release.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::panic::Location;
 use std::sync::{Arc, OnceLock};
@@ -122,33 +123,36 @@ impl Held {
             Resolved::Id(k) => (k, 0, 0),
             Resolved::Pair(a, b) => (0, a, b),
         };
-        let (one, two): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 2]) =
-            ([&k], [&a, &b]);
+        let (one, two): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 2]) = ([&k], [&a, &b]);
         let params: &[&(dyn ToSql + Sync)] = match self.key {
             Resolved::Id(_) => &one,
             Resolved::Pair(..) => &two,
         };
-        let timeout = self.session.options.unlock_timeout;
-        let query = self.session.client.query_one(&self.unlock, params);
-        match tokio::time::timeout(timeout, query).await {
-            Ok(Ok(row)) if row.get::<_, bool>(0) => Ok(()),
-            Ok(Ok(_)) => Err(io::Error::other(format!(
+        // The unlock timeout is enforced by the session's watch (see `Watched`), not by
+        // a timer per unlock.
+        let watched = &self.session.watched;
+        watched.unlock_started();
+        let result = self.session.client.query_one(&self.unlock, params).await;
+        let timed_out = watched.unlock_finished();
+        match result {
+            Ok(row) if row.get::<_, bool>(0) => Ok(()),
+            Ok(_) => Err(io::Error::other(format!(
                 "cannot release {}: the server says backend pid {} did not hold it \
                  (the lock was lost)",
                 self.what, self.session.backend_pid
             ))),
-            Ok(Err(e)) => Err(pg_error(
+            Err(_) if timed_out => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "cannot release {}: no answer within {:?}; the connection is closed instead",
+                    self.what, self.session.options.unlock_timeout
+                ),
+            )),
+            Err(e) => Err(pg_error(
                 e,
                 format_args!(
                     "cannot release {} (backend pid {})",
                     self.what, self.session.backend_pid
-                ),
-            )),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "cannot release {}: no answer within {timeout:?}; the connection is closed instead",
-                    self.what
                 ),
             )),
         }
@@ -286,16 +290,20 @@ impl PgLock {
     /// # Cancel safety
     /// Cancel-safe: dropped before it finished, the rest of the release runs on the
     /// reaper, and its error is reported there.
-    pub async fn close(self) -> io::Result<()> {
+    pub fn close(self) -> impl Future<Output = io::Result<()>> + Send + 'static {
+        // Taken apart before the future, so that the future does not hold the lock twice
+        // (as the argument and as its parts).
         let PgLock { armed, guard, .. } = self;
         drop(armed);
-        guard
-            .close()
-            .await
-            .map_err(|e| match e.downcast::<io::Error>() {
-                Ok(e) => *e,
-                Err(e) => io::Error::other(e),
-            })
+        async move {
+            guard
+                .close()
+                .await
+                .map_err(|e| match e.downcast::<io::Error>() {
+                    Ok(e) => *e,
+                    Err(e) => io::Error::other(e),
+                })
+        }
     }
 
     /// Unlocks and gives the session back, to take the next lock without reconnecting.
@@ -306,16 +314,17 @@ impl PgLock {
     /// # Cancel safety
     /// Cancel-safe: dropped before it finished, the connection is closed on the reaper
     /// (the lock goes with the session).
-    pub async fn release(self) -> io::Result<PgSession> {
-        let PgLock {
-            armed, mut guard, ..
-        } = self;
+    pub fn release(self) -> impl Future<Output = io::Result<PgSession>> + Send + 'static {
+        let PgLock { armed, guard, .. } = self;
         drop(armed);
-        match guard.unlock().await {
-            Ok(()) => Ok(AsyncGuard::into_inner(guard).session),
-            Err(e) => {
-                AsyncGuard::into_inner(guard).close_connection();
-                Err(e)
+        async move {
+            let mut guard = guard;
+            match guard.unlock().await {
+                Ok(()) => Ok(AsyncGuard::into_inner(guard).session),
+                Err(e) => {
+                    AsyncGuard::into_inner(guard).close_connection();
+                    Err(e)
+                }
             }
         }
     }

@@ -133,8 +133,11 @@ impl PgLockOptions {
         self
     }
 
-    /// How long `close` and a dropped lock wait for the unlock before closing the
-    /// connection instead (default 5 s).
+    /// How long `close`, `release` and a dropped lock wait for the unlock before closing
+    /// the connection instead, so that the server frees the lock with the session
+    /// (default 5 s). The session's liveness watch enforces it at its ticks (no timer per
+    /// unlock): the connection is closed after at least this long and at most two check
+    /// intervals more.
     pub fn unlock_timeout(&mut self, timeout: Duration) -> &mut Self {
         self.unlock_timeout = timeout;
         self
@@ -300,6 +303,38 @@ pub(crate) fn endpoint(config: &Config) -> String {
     out
 }
 
+/// The outcome of a lock query that waits: the fence token (0 with fencing off), or
+/// `None` when the wait ended on `lock_timeout`.
+fn granted(
+    result: Result<tokio_postgres::Row, tokio_postgres::Error>,
+    fencing: bool,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    match result {
+        Ok(row) => Ok(Some(if fencing { row.get::<_, i64>(0) } else { 0 })),
+        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The lock query with the server's `lock_timeout` set to `timeout` for its duration.
+async fn lock_for(
+    client: &Client,
+    stmt: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+    timeout: Duration,
+    fencing: bool,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128).to_string();
+    client
+        .execute("SELECT set_config('lock_timeout', $1, false)", &[&ms])
+        .await?;
+    let result = client.query_one(stmt, params).await;
+    client
+        .execute("SELECT set_config('lock_timeout', '0', false)", &[])
+        .await?;
+    granted(result, fencing)
+}
+
 /// `acquire` and `acquire_timeout` report a held lock as an error of kind `WouldBlock`.
 fn held_as_error(got: io::Result<Result<PgLock, PgLockHeld>>) -> io::Result<PgLock> {
     got?.map_err(io::Error::from)
@@ -429,6 +464,8 @@ impl PgSession {
                 closed: closed.clone(),
                 interval: options.check_interval,
                 timeout: options.effective_check_timeout(),
+                unlock_timeout: options.unlock_timeout,
+                conn_task: conn_task.clone(),
             }
             .run(),
         );
@@ -469,8 +506,10 @@ impl PgSession {
         self,
         key: impl Into<LockKey>,
     ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
-        let lock = self.lock(key.into(), Wait::Block, Location::caller());
-        async move { held_as_error(lock.await) }
+        // Not `let lock = self.lock(..); async move { lock.await }`: the future would
+        // be stored twice over.
+        let (key, site) = (key.into(), Location::caller());
+        async move { held_as_error(self.lock(key, Wait::Block, site).await) }
     }
 
     /// Takes the lock on `key` if it is free now: `Ok(Ok(lock))`, or `Ok(Err(held))`
@@ -517,8 +556,10 @@ impl PgSession {
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
-        let lock = self.lock(key.into(), Wait::For(timeout), Location::caller());
-        async move { held_as_error(lock.await) }
+        // Not `let lock = self.lock(..); async move { lock.await }`: the future would
+        // be stored twice over.
+        let (key, site) = (key.into(), Location::caller());
+        async move { held_as_error(self.lock(key, Wait::For(timeout), site).await) }
     }
 
     /// The server's pid for this session (`pg_backend_pid()`).
@@ -566,23 +607,35 @@ impl PgSession {
 
     /// Takes the lock: `Ok(Err(held))` when another session holds it (at once for
     /// `Wait::Try`, when the time is up for `Wait::For`).
+    ///
+    /// The first lock of a session prepares its statements, a name key is hashed once,
+    /// and a held lock is looked up in `pg_locks`: those slow paths are boxed futures,
+    /// so that the future of the usual path (one lock query) stays small and cheap to
+    /// move.
     pub(crate) async fn lock(
         mut self,
         key: LockKey,
         wait: Wait,
         site: &'static Location<'static>,
     ) -> io::Result<Result<PgLock, PgLockHeld>> {
-        let start = matches!(wait, Wait::For(_)).then(Instant::now);
-        let resolved = self.resolve(&key).await?;
+        let resolved = match &key {
+            LockKey::Id(k) => Resolved::Id(*k),
+            LockKey::Pair(a, b) => Resolved::Pair(*a, *b),
+            LockKey::Name(name) => match self.cache.names.get(name.as_ref()) {
+                Some(k) => Resolved::Id(*k),
+                None => Box::pin(self.resolve(&key)).await?,
+            },
+        };
         let fencing = self.options.fence_table.is_some();
+        let form = resolved.form();
         // Everything is prepared before the lock is asked for: once it is granted,
         // nothing is awaited before the guard exists.
-        self.statements(resolved).await?;
-        if fencing {
-            self.fence_statements(resolved).await?;
+        if self.cache.stmts[form].is_none()
+            || (fencing && self.cache.fence_stmts[form].is_none())
+            || self.watched.check.get().is_none()
+        {
+            Box::pin(self.prepare(resolved)).await?;
         }
-        self.check_statement().await?;
-        let form = resolved.form();
         let lock_stmt = match (fencing, wait) {
             (true, Wait::Try) => self.cache.fence_stmts[form].as_ref().map(|s| &s.1),
             (true, _) => self.cache.fence_stmts[form].as_ref().map(|s| &s.0),
@@ -596,56 +649,35 @@ impl PgSession {
             Resolved::Id(k) => (k, 0, 0),
             Resolved::Pair(a, b) => (0, a, b),
         };
-        let (one, two): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 2]) =
-            ([&k], [&a, &b]);
+        let (one, two): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 2]) = ([&k], [&a, &b]);
         let params: &[&(dyn ToSql + Sync)] = match resolved {
             Resolved::Id(_) => &one,
             Resolved::Pair(..) => &two,
         };
+        let start = matches!(wait, Wait::For(_)).then(Instant::now);
         // From here the server may be waiting for the lock on our behalf: if this future
         // is dropped, tell it to stop and close the connection.
         let cancel_on_drop = CancelOnDrop(Some(&self));
-        let client = &self.client;
-        let outcome: Result<Option<i64>, tokio_postgres::Error> = async {
-            match wait {
-                Wait::Try => {
-                    let rows = client.query(&lock_stmt, params).await?;
-                    Ok(rows.first().and_then(|row| {
-                        if fencing {
-                            Some(row.get::<_, i64>(0))
-                        } else {
-                            row.get::<_, bool>(0).then_some(0)
-                        }
-                    }))
+        let client = &*self.client;
+        // One query future for both waits (`query_opt`: no row when `try` with fencing
+        // did not get the lock), so that the future holds one, not two.
+        let outcome: Result<Option<i64>, tokio_postgres::Error> = match wait {
+            Wait::For(d) => Box::pin(lock_for(client, &lock_stmt, params, d, fencing)).await,
+            Wait::Try | Wait::Block => match client.query_opt(&lock_stmt, params).await {
+                Ok(Some(row)) if fencing => Ok(Some(row.get::<_, i64>(0))),
+                Ok(Some(row)) if matches!(wait, Wait::Try) => {
+                    Ok(row.get::<_, bool>(0).then_some(0))
                 }
-                Wait::Block | Wait::For(_) => {
-                    if let Wait::For(d) = wait {
-                        let ms = d.as_millis().clamp(1, i32::MAX as u128).to_string();
-                        client
-                            .execute("SELECT set_config('lock_timeout', $1, false)", &[&ms])
-                            .await?;
-                    }
-                    let result = client.query_one(&lock_stmt, params).await;
-                    if let Wait::For(_) = wait {
-                        client
-                            .execute("SELECT set_config('lock_timeout', '0', false)", &[])
-                            .await?;
-                    }
-                    match result {
-                        Ok(row) => Ok(Some(if fencing { row.get::<_, i64>(0) } else { 0 })),
-                        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Ok(None),
-                        Err(e) => Err(e),
-                    }
-                }
-            }
-        }
-        .await;
+                Ok(Some(_)) => Ok(Some(0)),
+                Ok(None) => Ok(None),
+                Err(e) => granted(Err(e), fencing),
+            },
+        };
         cancel_on_drop.disarm();
         match outcome {
             Ok(Some(token)) => {
                 let what = self.describe(&key);
-                let Some(unlock) = self.cache.stmts[form].as_ref().map(|s| s.unlock.clone())
-                else {
+                let Some(unlock) = self.cache.stmts[form].as_ref().map(|s| s.unlock.clone()) else {
                     unreachable!("the lock statements were prepared above")
                 };
                 let fence = fencing.then_some(token);
@@ -655,14 +687,7 @@ impl PgSession {
             }
             Ok(None) => {
                 let waited = start.map_or(Duration::ZERO, |start| start.elapsed());
-                let holders = self.holders(resolved).await?;
-                let what = self.describe(&key).to_string();
-                Ok(Err(PgLockHeld {
-                    what,
-                    holders,
-                    waited,
-                    session: self,
-                }))
+                Box::pin(self.held(key, resolved, waited)).await
             }
             Err(e) => {
                 let what = self.describe(&key);
@@ -672,6 +697,33 @@ impl PgSession {
                 ))
             }
         }
+    }
+
+    /// The lock is held by others: who.
+    async fn held(
+        mut self,
+        key: LockKey,
+        resolved: Resolved,
+        waited: Duration,
+    ) -> io::Result<Result<PgLock, PgLockHeld>> {
+        let holders = self.holders(resolved).await?;
+        let what = self.describe(&key).to_string();
+        Ok(Err(PgLockHeld {
+            what,
+            holders,
+            waited,
+            session: self,
+        }))
+    }
+
+    /// Prepares what locks on keys of `key`'s form need: the lock statements, the
+    /// fencing ones, the liveness check.
+    async fn prepare(&mut self, key: Resolved) -> io::Result<()> {
+        self.statements(key).await?;
+        if self.options.fence_table.is_some() {
+            self.fence_statements(key).await?;
+        }
+        self.check_statement().await
     }
 
     /// The key as the server sees it; a name is hashed by the server (and remembered).

@@ -7,10 +7,17 @@
 //! that. The watch task ticks every check interval for the whole life of the session and
 //! checks whatever lock is in the slot then; the connection task fires the lock in the
 //! slot when the connection ends.
+//!
+//! The same ticks enforce the unlock timeout: an unlock only notes the tick it started
+//! at (no timer of its own), and the watch closes the connection when an unlock has
+//! waited longer than the timeout.
 
 use std::panic::Location;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
+
+use tokio::task::AbortHandle;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
@@ -31,6 +38,12 @@ pub(crate) struct Watched {
     pub(crate) closed_why: OnceLock<LostCause>,
     /// The liveness check, prepared with the session's first lock.
     pub(crate) check: OnceLock<Statement>,
+    /// Ticks of the watch so far (written by the watch task only).
+    ticks: AtomicU64,
+    /// The tick an unlock in flight started at, plus one; 0 when none is.
+    unlock_since: AtomicU64,
+    /// Set when the watch closed the connection because an unlock took too long.
+    unlock_timed_out: AtomicBool,
 }
 
 /// One held lock as the watch sees it: its `lost()` token and why it fired.
@@ -95,6 +108,20 @@ impl Watched {
         }
     }
 
+    /// An unlock is about to be sent: the watch closes the connection if it is still
+    /// unanswered after the unlock timeout.
+    pub(crate) fn unlock_started(&self) {
+        let now = self.ticks.load(Ordering::Relaxed);
+        self.unlock_since.store(now + 1, Ordering::Relaxed);
+    }
+
+    /// The unlock has its answer (or failed): `true` if that is because the watch closed
+    /// the connection after the unlock timeout.
+    pub(crate) fn unlock_finished(&self) -> bool {
+        self.unlock_since.store(0, Ordering::Relaxed);
+        self.unlock_timed_out.load(Ordering::Acquire)
+    }
+
     fn current(&self) -> Option<Arc<LockState>> {
         self.slot().clone()
     }
@@ -113,6 +140,10 @@ pub(crate) struct Watch {
     pub(crate) closed: CancellationToken,
     pub(crate) interval: Duration,
     pub(crate) timeout: Duration,
+    /// How long an unlock may wait before the connection is closed instead.
+    pub(crate) unlock_timeout: Duration,
+    /// The connection task, aborted (the connection closed) when an unlock times out.
+    pub(crate) conn_task: AbortHandle,
 }
 
 impl Watch {
@@ -120,12 +151,27 @@ impl Watch {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is now
+        // An unlock that started at tick s has waited at least (t - s) intervals at tick
+        // t: close the connection once that reaches the unlock timeout.
+        let unlock_ticks = self
+            .unlock_timeout
+            .as_nanos()
+            .div_ceil(self.interval.as_nanos().max(1))
+            .clamp(1, u128::from(u32::MAX)) as u64;
         loop {
             tokio::select! {
                 biased;
                 // The connection task fires the lock held then.
                 () = self.closed.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            let t = self.watched.ticks.fetch_add(1, Ordering::Relaxed) + 1;
+            let since = self.watched.unlock_since.load(Ordering::Relaxed);
+            if since != 0 && t.saturating_sub(since) >= unlock_ticks {
+                self.watched.unlock_timed_out.store(true, Ordering::Release);
+                // The server frees the lock with the session.
+                self.conn_task.abort();
+                return;
             }
             let (Some(lock), Some(check)) = (self.watched.current(), self.watched.check.get())
             else {
