@@ -177,13 +177,25 @@ fn lost_latency(c: &mut Criterion, conn: &str) {
     group.finish();
 }
 
-/// `pg --instructions ours|raw|fenced N`: N acquire+release after one warm-up, nothing
-/// else, for callgrind: (Ir(N) - Ir(0)) / N is the client's instructions per op.
+/// `pg --instructions ours|raw|fenced|raw-timer N`: N acquire+release after one warm-up,
+/// nothing else, for callgrind: (Ir(N) - Ir(0)) / N is the client's instructions per op
+/// (`scripts/bench-report` runs it, and `strace -c` for system calls). `raw-timer` is raw
+/// with one idle periodic timer in the runtime.
 fn instructions(conn: &str, which: &str, n: u32) {
     let rt = runtime();
     rt.block_on(async {
         match which {
-            "raw" => {
+            "raw" | "raw-timer" => {
+                if which == "raw-timer" {
+                    // A runtime with one periodic timer pending, as custodian's session
+                    // watch keeps: every park then looks up the next expiration.
+                    tokio::spawn(async {
+                        let mut tick = tokio::time::interval(Duration::from_secs(1));
+                        loop {
+                            tick.tick().await;
+                        }
+                    });
+                }
                 let raw = Raw::connect(conn).await;
                 raw.op().await;
                 for _ in 0..n {
@@ -192,44 +204,13 @@ fn instructions(conn: &str, which: &str, n: u32) {
             }
             "ours" | "fenced" => {
                 let mut session = options(conn, which == "fenced").connect().await.unwrap();
-                if std::env::var_os("PG_SIZES").is_some() {
-                    eprintln!("session {}", std::mem::size_of_val(&session));
-                    let s2 = options(conn, false).connect().await.unwrap();
-                    let f = s2.acquire(KEY);
-                    eprintln!("acquire future {}", std::mem::size_of_val(&f));
-                    let l = f.await.unwrap();
-                    eprintln!("lock {}", std::mem::size_of_val(&l));
-                    let r = l.release();
-                    eprintln!("release future {}", std::mem::size_of_val(&r));
-                    drop(r.await);
-                    eprintln!("ours future {}", std::mem::size_of_val(&ours(session)));
-                    let raw = Raw::connect(conn).await;
-                    let p: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&KEY];
-                    eprintln!(
-                        "query_one {}",
-                        std::mem::size_of_val(&raw.client.query_one(&raw.lock, &p))
-                    );
-                    eprintln!(
-                        "query {}",
-                        std::mem::size_of_val(&raw.client.query(&raw.lock, &p))
-                    );
-                    eprintln!(
-                        "query_raw {}",
-                        std::mem::size_of_val(&raw.client.query_raw(&raw.lock, p.iter().copied()))
-                    );
-                    eprintln!(
-                        "query_typed {}",
-                        std::mem::size_of_val(&raw.client.execute(&raw.lock, &p))
-                    );
-                    return;
-                }
                 session = ours(session).await;
                 for _ in 0..n {
                     session = ours(session).await;
                 }
                 drop(session);
             }
-            other => panic!("unknown scenario {other:?}: ours, raw or fenced"),
+            other => panic!("unknown scenario {other:?}: ours, raw, fenced or raw-timer"),
         }
     });
 }
