@@ -177,11 +177,56 @@ fn lost_latency(c: &mut Criterion, conn: &str) {
     group.finish();
 }
 
+/// `pg --instructions ours|raw|fenced|raw-timer N`: N acquire+release after one warm-up,
+/// nothing else, for callgrind: (Ir(N) - Ir(0)) / N is the client's instructions per op
+/// (`scripts/bench-report` runs it, and `strace -c` for system calls). `raw-timer` is raw
+/// with one idle periodic timer in the runtime.
+fn instructions(conn: &str, which: &str, n: u32) {
+    let rt = runtime();
+    rt.block_on(async {
+        match which {
+            "raw" | "raw-timer" => {
+                if which == "raw-timer" {
+                    // A runtime with one periodic timer pending, as custodian's session
+                    // watch keeps: every park then looks up the next expiration.
+                    tokio::spawn(async {
+                        let mut tick = tokio::time::interval(Duration::from_secs(1));
+                        loop {
+                            tick.tick().await;
+                        }
+                    });
+                }
+                let raw = Raw::connect(conn).await;
+                raw.op().await;
+                for _ in 0..n {
+                    raw.op().await;
+                }
+            }
+            "ours" | "fenced" => {
+                let mut session = options(conn, which == "fenced").connect().await.unwrap();
+                session = ours(session).await;
+                for _ in 0..n {
+                    session = ours(session).await;
+                }
+                drop(session);
+            }
+            other => panic!("unknown scenario {other:?}: ours, raw, fenced or raw-timer"),
+        }
+    });
+}
+
 fn main() {
     let Ok(conn) = std::env::var("CUSTODIAN_TEST_PG") else {
         println!("benches/pg.rs: CUSTODIAN_TEST_PG not set; run under scripts/with-postgres");
         return;
     };
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--instructions") {
+        let which = args.get(i + 1).map_or("ours", String::as_str);
+        let n = args.get(i + 2).and_then(|n| n.parse().ok()).unwrap_or(1000);
+        instructions(&conn, which, n);
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     interleaved(&conn);
     acquire_release(&mut c, &conn);

@@ -226,16 +226,20 @@ fn try_acquire_while_held_names_the_holder_pid_and_application_name() {
         let holder = options(&conn, "holder-app").acquire(9_002).await.unwrap();
         let other = options(&conn, "other-app");
 
-        let err = other.try_acquire(9_002).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
-        let held = PgLockHeld::of(&err).expect("a PgLockHeld inside");
-        assert_eq!(held.holders().len(), 1, "{err}");
+        // Held is not an I/O error: `Ok(Err(held))`.
+        let held = match other.try_acquire(9_002).await {
+            Ok(Err(held)) => held,
+            Ok(Ok(_)) => panic!("took a lock that is held"),
+            Err(e) => panic!("an I/O error instead of PgLockHeld: {e}"),
+        };
+        assert_eq!(held.waited(), Duration::ZERO);
+        assert_eq!(held.holders().len(), 1, "{held}");
         let h = &held.holders()[0];
         assert_eq!(h.pid(), holder.backend_pid());
         assert_eq!(h.application_name(), "holder-app");
         assert_eq!(h.client_addr(), Some("127.0.0.1"));
         assert!(!h.is_shared());
-        let text = err.to_string();
+        let text = held.to_string();
         assert!(
             text.contains(&format!("backend pid {}", holder.backend_pid())),
             "{text}"
@@ -245,8 +249,16 @@ fn try_acquire_while_held_names_the_holder_pid_and_application_name() {
             "{text}"
         );
 
-        // The session comes back in the error, and waits with a deadline.
-        let session = PgLockHeld::into_session(err).expect("the session back");
+        // The session comes back, still open and holding nothing; held again, it says so.
+        let session = held.into_session();
+        let backend = session.backend_pid();
+        assert!(!session.is_closed());
+        let held = session.try_acquire(9_002).await.unwrap().unwrap_err();
+        assert_eq!(held.holders()[0].pid(), holder.backend_pid());
+        let session = held.into_session();
+        assert_eq!(session.backend_pid(), backend, "the same session");
+
+        // acquire_timeout: an io::Error of kind WouldBlock holding the PgLockHeld.
         let start = Instant::now();
         let err = session
             .acquire_timeout(9_002, Duration::from_millis(300))
@@ -259,7 +271,10 @@ fn try_acquire_while_held_names_the_holder_pid_and_application_name() {
         assert_eq!(held.holders()[0].pid(), holder.backend_pid());
 
         holder.close().await.unwrap();
-        let session = PgLockHeld::into_session(err).unwrap();
+        let session = PgLockHeld::from_io(err)
+            .expect("a PgLockHeld inside")
+            .into_session();
+        assert_eq!(session.backend_pid(), backend, "the same session");
         let lock = session
             .acquire_timeout(9_002, Duration::from_secs(5))
             .await
@@ -275,15 +290,15 @@ fn shared_locks_admit_two_holders_and_exclude_an_exclusive_one() {
     common::current_thread().block_on(async {
         let mut shared = options(&conn, "reader");
         shared.shared(true);
-        let a = shared.try_acquire((7, 9_003)).await.unwrap();
-        let b = shared.try_acquire((7, 9_003)).await.unwrap();
+        let a = shared.try_acquire((7, 9_003)).await.unwrap().unwrap();
+        let b = shared.try_acquire((7, 9_003)).await.unwrap().unwrap();
         assert!(a.fence().unwrap() < b.fence().unwrap());
 
-        let err = options(&conn, "writer")
+        let held = options(&conn, "writer")
             .try_acquire((7, 9_003))
             .await
-            .unwrap_err();
-        let held = PgLockHeld::of(&err).expect("held");
+            .unwrap()
+            .expect_err("held");
         let mut pids: Vec<i32> = held.holders().iter().map(|h| h.pid()).collect();
         pids.sort();
         let mut expected = vec![a.backend_pid(), b.backend_pid()];
@@ -295,6 +310,7 @@ fn shared_locks_admit_two_holders_and_exclude_an_exclusive_one() {
             .try_acquire(((7_i64) << 32) | 9_003)
             .await
             .unwrap()
+            .unwrap()
             .close()
             .await
             .unwrap();
@@ -304,14 +320,16 @@ fn shared_locks_admit_two_holders_and_exclude_an_exclusive_one() {
             options(&conn, "writer")
                 .try_acquire((7, 9_003))
                 .await
+                .unwrap()
                 .is_err()
         );
         b.close().await.unwrap();
         let w = options(&conn, "writer")
             .try_acquire((7, 9_003))
             .await
+            .unwrap()
             .unwrap();
-        assert!(shared.try_acquire((7, 9_003)).await.is_err());
+        assert!(shared.try_acquire((7, 9_003)).await.unwrap().is_err());
         w.close().await.unwrap();
     });
 }
@@ -493,6 +511,58 @@ fn unlocked_behind_the_guards_back_fires_lost_and_close_reports_it() {
     });
 }
 
+#[test]
+fn a_lost_lock_counts_one_failure_in_the_ledger_with_its_error_event() {
+    let Some(conn) = server() else { return };
+    // Alone: failures are counted process-wide, and other tests lose locks on purpose.
+    let _server = SERVER.write().unwrap_or_else(|e| e.into_inner());
+    let before = custodian::ledger::snapshot();
+    let ((), events) = common::capture(|| {
+        common::current_thread().block_on(async {
+            let mut opts = options(&conn, "counted");
+            opts.check_interval(Duration::from_millis(50));
+            // Lost through the liveness check (unlocked behind the guard's back) ...
+            let unlocked = opts.acquire(9_012).await.unwrap();
+            unlocked
+                .client()
+                .execute("SELECT pg_advisory_unlock_all()", &[])
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(2), unlocked.lost())
+                .await
+                .expect("lost() fired");
+            // ... and through the connection's end, which the check may see too.
+            let killed = opts.acquire(9_013).await.unwrap();
+            let client = raw(&conn).await;
+            client
+                .execute("SELECT pg_terminate_backend($1)", &[&killed.backend_pid()])
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(2), killed.lost())
+                .await
+                .expect("lost() fired");
+            // More checks would have run by now: none fires again.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let lost = custodian::ledger::snapshot()
+                .since(&before)
+                .get("custodian::pg::PgLock");
+            assert_eq!(lost.failed, 2, "{lost:?}");
+            // close() returns its error to the caller: not counted again.
+            assert!(unlocked.close().await.is_err());
+            assert!(killed.close().await.is_err());
+        })
+    });
+    let counts = custodian::ledger::snapshot()
+        .since(&before)
+        .get("custodian::pg::PgLock");
+    assert_eq!(counts.failed, 2, "{counts:?}");
+    assert_eq!(counts.live(), 0, "{counts:?}");
+    let lost: Vec<_> = events.iter().filter(|e| e.message == "lock lost").collect();
+    assert_eq!(lost.len(), 2, "{events:?}");
+    assert!(lost[0].field("resource").unwrap().contains("9012"));
+    assert!(lost[1].field("resource").unwrap().contains("9013"));
+}
+
 // ---------------------------------------------------------------------------------------
 // Release on every path
 
@@ -561,6 +631,44 @@ fn a_dropped_lock_is_unlocked_by_the_reaper_within_a_round_trip() {
         drop(lock); // never blocks
         let took = wait_free(&client, 9_009, Duration::from_secs(1)).await;
         assert!(took < Duration::from_secs(1), "{took:?}");
+    });
+}
+
+#[test]
+fn an_unlock_with_no_answer_closes_the_connection_after_the_unlock_timeout() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let client = raw(&conn).await;
+        let mut opts = options(&conn, "stalled");
+        opts.unlock_timeout(Duration::from_millis(300))
+            .check_interval(Duration::from_millis(100));
+        let lock = opts.acquire(9_014).await.unwrap();
+        let pid = lock.backend_pid().to_string();
+        // A stalled server: the backend process is stopped, the unlock gets no answer.
+        let signal = |sig: &str| {
+            let status = std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill {sig} {pid}");
+        };
+        signal("-STOP");
+        let _resume = custodian::guard((), |()| signal("-CONT"));
+        let start = Instant::now();
+        let err = lock.close().await.unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(
+            err.to_string().contains("9014") && err.to_string().contains("closed instead"),
+            "{err}"
+        );
+        // Not before the timeout; at most two check intervals after it (and slack).
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_millis(900), "{took:?}");
+        drop(_resume);
+        // Resumed, the backend finds its connection closed and exits: the lock is free.
+        wait_free(&client, 9_014, Duration::from_secs(5)).await;
     });
 }
 
@@ -654,7 +762,7 @@ fn bad_connection_strings_and_unreachable_servers_give_clear_errors_not_hangs() 
         let mut opts = PgLockOptions::parse(&format!("host=127.0.0.1 port={port} user=x")).unwrap();
         opts.connect_timeout(Duration::from_millis(300));
         let start = Instant::now();
-        let err = opts.try_acquire(1).await.unwrap_err();
+        let err = opts.try_acquire(1).await.expect_err("an I/O error");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
         assert!(
             err.to_string().contains(&format!("127.0.0.1:{port}")),

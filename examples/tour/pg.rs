@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use custodian::pg::{PgLockHeld, PgLockOptions};
+use custodian::pg::PgLockOptions;
 
 pub(crate) fn run() -> Result<(), Box<dyn std::error::Error>> {
     let Ok(conn) = std::env::var("CUSTODIAN_TEST_PG") else {
@@ -38,9 +38,14 @@ async fn replicas(conn: &str) -> Result<(), Box<dyn std::error::Error>> {
         leader.backend_pid(),
         leader.fence().unwrap_or_default()
     );
-    let err = b.try_acquire("tour-leader").await.unwrap_err();
-    assert!(PgLockHeld::of(&err).is_some());
-    println!("replica-b: {err}");
+    // Held is not an I/O error: `Ok(Err(held))`, naming the holder, with the session back.
+    let waiting = match b.try_acquire("tour-leader").await? {
+        Ok(_) => return Err("replica-b took a lock replica-a holds".into()),
+        Err(held) => {
+            println!("replica-b: {held}");
+            held.into_session()
+        }
+    };
 
     // A failover kills replica-a's session; the server frees the lock at once.
     let (admin, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
@@ -59,7 +64,7 @@ async fn replicas(conn: &str) -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or_default()
     );
 
-    let successor = b
+    let successor = waiting
         .acquire_timeout("tour-leader", Duration::from_secs(5))
         .await?;
     println!(

@@ -13,13 +13,13 @@ use super::session::PgSession;
 /// A session that holds an advisory lock, as `pg_locks` and `pg_stat_activity` show it.
 ///
 /// ```no_run
-/// # async fn f(err: std::io::Error) {
-/// if let Some(held) = custodian::pg::PgLockHeld::of(&err) {
+/// # async fn f(options: custodian::pg::PgLockOptions) -> std::io::Result<()> {
+/// if let Err(held) = options.try_acquire(42).await? {
 ///     for h in held.holders() {
 ///         println!("held by backend {} ({:?}) from {:?}", h.pid(), h.application_name(), h.client_addr());
 ///     }
 /// }
-/// # }
+/// # Ok(()) }
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Holder {
@@ -67,44 +67,91 @@ impl fmt::Display for Holder {
     }
 }
 
-/// The lock was held by another session: the error inside the `io::Error` (kind
-/// [`WouldBlock`](io::ErrorKind::WouldBlock)) returned by
-/// [`try_acquire`](super::PgLockOptions::try_acquire) and, when the time is up,
-/// [`acquire_timeout`](super::PgLockOptions::acquire_timeout). It names the key, the
-/// server and the holders, and gives back the session that tried (see
-/// [`into_session`](PgLockHeld::into_session)).
+/// The lock was held by another session: what [`try_acquire`] returns as `Ok(Err(held))`,
+/// and what the `io::Error` of kind [`WouldBlock`](io::ErrorKind::WouldBlock) returned by
+/// [`acquire_timeout`] holds when the time is up (get it with [`of`](PgLockHeld::of) or
+/// [`from_io`](PgLockHeld::from_io)). It names the key, the server and the holders, and
+/// gives back the session that tried ([`into_session`](PgLockHeld::into_session)), so
+/// that it can try again without reconnecting.
 ///
 /// ```no_run
-/// use custodian::pg::{PgLockHeld, PgLockOptions};
+/// use custodian::pg::PgLockOptions;
 ///
 /// # async fn f() -> std::io::Result<()> {
 /// let options = PgLockOptions::parse("host=127.0.0.1 user=app dbname=app")?;
-/// match options.try_acquire("nightly-report").await {
+/// match options.try_acquire("nightly-report").await? {
 ///     Ok(lock) => lock.close().await?,
-///     Err(e) if PgLockHeld::of(&e).is_some() => println!("{e}"), // "... held by backend pid 4242 ..."
-///     Err(e) => return Err(e),
+///     Err(held) => {
+///         println!("{held}"); // "exclusive advisory lock "nightly-report" on ... is held by backend pid 4242 ..."
+///         let session = held.into_session(); // still open, holding nothing
+///         let lock = session.acquire("nightly-report").await?; // wait this time
+///         lock.close().await?;
+///     }
 /// }
 /// # Ok(()) }
 /// ```
+///
+/// [`try_acquire`]: super::PgLockOptions::try_acquire
+/// [`acquire_timeout`]: super::PgLockOptions::acquire_timeout
 #[derive(Debug)]
 pub struct PgLockHeld {
     pub(crate) what: String,
     pub(crate) holders: Vec<Holder>,
     pub(crate) waited: Duration,
-    pub(crate) session: Option<PgSession>,
+    pub(crate) session: PgSession,
 }
 
 impl PgLockHeld {
     /// The `PgLockHeld` inside `err`, if that is what it is.
+    ///
+    /// ```no_run
+    /// # async fn f(options: custodian::pg::PgLockOptions) {
+    /// let err = options.acquire_timeout(42, std::time::Duration::from_secs(1)).await.unwrap_err();
+    /// if let Some(held) = custodian::pg::PgLockHeld::of(&err) {
+    ///     println!("waited {:?}; held by {:?}", held.waited(), held.holders());
+    /// }
+    /// # }
+    /// ```
     pub fn of(err: &io::Error) -> Option<&PgLockHeld> {
         err.get_ref()?.downcast_ref()
     }
 
-    /// The session that tried to take the lock, still open and holding nothing, so that
-    /// it can try again without reconnecting; `None` if `err` is not a `PgLockHeld`.
-    pub fn into_session(err: io::Error) -> Option<PgSession> {
-        let inner = err.into_inner()?;
-        inner.downcast::<PgLockHeld>().ok()?.session.take()
+    /// The `PgLockHeld` inside `err`, by value (to get the session back), or `err`
+    /// unchanged if it holds something else.
+    ///
+    /// ```no_run
+    /// use custodian::pg::PgLockHeld;
+    /// use std::time::Duration;
+    ///
+    /// # async fn f(session: custodian::pg::PgSession) -> std::io::Result<()> {
+    /// let lock = match session.acquire_timeout(42, Duration::from_secs(1)).await {
+    ///     Ok(lock) => lock,
+    ///     // Try once more, on the same session, without a deadline.
+    ///     Err(e) => PgLockHeld::from_io(e)?.into_session().acquire(42).await?,
+    /// };
+    /// lock.close().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// `err` itself when it does not hold a `PgLockHeld`.
+    pub fn from_io(err: io::Error) -> Result<PgLockHeld, io::Error> {
+        if PgLockHeld::of(&err).is_none() {
+            return Err(err);
+        }
+        let kind = err.kind();
+        match err.into_inner().map(|inner| inner.downcast::<PgLockHeld>()) {
+            Some(Ok(held)) => Ok(*held),
+            // Checked above; kept total rather than panicking.
+            Some(Err(inner)) => Err(io::Error::new(kind, inner)),
+            None => Err(io::Error::from(kind)),
+        }
+    }
+
+    /// The session that tried to take the lock, still open and holding nothing, to try
+    /// again without reconnecting.
+    pub fn into_session(self) -> PgSession {
+        self.session
     }
 
     /// The sessions that held the lock just after the attempt failed (may be empty if
@@ -113,9 +160,18 @@ impl PgLockHeld {
         &self.holders
     }
 
-    /// How long the attempt waited.
+    /// How long the attempt waited: zero for `try_acquire`, and for `acquire` when the
+    /// server's own `lock_timeout` ended the wait.
     pub fn waited(&self) -> Duration {
         self.waited
+    }
+}
+
+/// An `io::Error` of kind `WouldBlock` holding the `PgLockHeld`, as `acquire_timeout`
+/// returns it.
+impl From<PgLockHeld> for io::Error {
+    fn from(held: PgLockHeld) -> io::Error {
+        io::Error::new(io::ErrorKind::WouldBlock, held)
     }
 }
 

@@ -1,21 +1,20 @@
 //! `PgLock`: the held advisory lock, its liveness watch and its release.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::panic::Location;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
+use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
-use tokio_util::sync::{CancellationToken, DropGuard, WaitForCancellationFuture};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::error::{LostCause, pg_error};
 use super::key::{LockKey, Resolved};
-use super::session::{PgSession, Statements};
-use crate::ledger::{Kind, events};
+use super::session::PgSession;
+use super::watch::{KIND, LockState, Watched};
 use crate::rt::AsyncGuard;
-
-static KIND: Kind = Kind::new("custodian::pg::PgLock");
 
 /// A session-level PostgreSQL advisory lock, held on a dedicated connection the guard
 /// owns, that says when it was lost.
@@ -88,20 +87,29 @@ static KIND: Kind = Kind::new("custodian::pg::PgLock");
 /// [`check_interval`]: super::PgLockOptions::check_interval
 #[must_use = "dropping a PgLock releases the lock at once"]
 pub struct PgLock {
+    /// Empties the session's watch slot when the lock is dropped, before the reaper
+    /// unlocks (first field: dropped first).
+    armed: Armed,
     guard: AsyncGuard<Held, io::Error>,
-    lost: CancellationToken,
-    cause: Arc<OnceLock<LostCause>>,
+    state: Arc<LockState>,
     key: LockKey,
     fence: Option<i64>,
-    /// Stops the liveness watch when the lock is dropped, before the reaper unlocks.
-    stop_watch: DropGuard,
+}
+
+/// The lock in its session's watch slot; dropped, it takes it out.
+struct Armed(Arc<Watched>);
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        self.0.disarm();
+    }
 }
 
 /// What the guard's cleanup needs: the session and how to unlock.
 struct Held {
     session: PgSession,
     key: Resolved,
-    unlock: Statements,
+    unlock: Statement,
     what: Arc<str>,
     /// Set when `release` sent the unlock: a cleanup after a cancelled `release` then
     /// only closes the connection (a second unlock would say "not held").
@@ -111,36 +119,40 @@ struct Held {
 impl Held {
     async fn unlock(&mut self) -> io::Result<()> {
         self.unlock_sent = true;
-        let (a, b) = match self.key {
-            Resolved::Id(k) => (k, 0),
-            Resolved::Pair(a, b) => (i64::from(a), i64::from(b)),
+        let (k, a, b) = match self.key {
+            Resolved::Id(k) => (k, 0, 0),
+            Resolved::Pair(a, b) => (0, a, b),
         };
-        let (ka, kb) = (a as i32, b as i32);
-        let params: Vec<&(dyn ToSql + Sync)> = match self.key {
-            Resolved::Id(_) => vec![&a],
-            Resolved::Pair(..) => vec![&ka, &kb],
+        let (one, two): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 2]) = ([&k], [&a, &b]);
+        let params: &[&(dyn ToSql + Sync)] = match self.key {
+            Resolved::Id(_) => &one,
+            Resolved::Pair(..) => &two,
         };
-        let timeout = self.session.options.unlock_timeout;
-        let query = self.session.client.query_one(&self.unlock.unlock, &params);
-        match tokio::time::timeout(timeout, query).await {
-            Ok(Ok(row)) if row.get::<_, bool>(0) => Ok(()),
-            Ok(Ok(_)) => Err(io::Error::other(format!(
+        // The unlock timeout is enforced by the session's watch (see `Watched`), not by
+        // a timer per unlock.
+        let watched = &self.session.watched;
+        watched.unlock_started();
+        let result = self.session.client.query_one(&self.unlock, params).await;
+        let timed_out = watched.unlock_finished();
+        match result {
+            Ok(row) if row.get::<_, bool>(0) => Ok(()),
+            Ok(_) => Err(io::Error::other(format!(
                 "cannot release {}: the server says backend pid {} did not hold it \
                  (the lock was lost)",
                 self.what, self.session.backend_pid
             ))),
-            Ok(Err(e)) => Err(pg_error(
+            Err(_) if timed_out => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "cannot release {}: no answer within {:?}; the connection is closed instead",
+                    self.what, self.session.options.unlock_timeout
+                ),
+            )),
+            Err(e) => Err(pg_error(
                 e,
                 format_args!(
                     "cannot release {} (backend pid {})",
                     self.what, self.session.backend_pid
-                ),
-            )),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "cannot release {}: no answer within {timeout:?}; the connection is closed instead",
-                    self.what
                 ),
             )),
         }
@@ -164,43 +176,29 @@ impl Held {
 }
 
 impl PgLock {
+    /// The guard of a lock just granted on `session`: counted in the ledger, put in the
+    /// session's watch slot.
     pub(crate) fn new(
         session: PgSession,
         key: LockKey,
         resolved: Resolved,
-        shared: bool,
         fence: Option<i64>,
-        unlock: Statements,
+        unlock: Statement,
+        what: Arc<str>,
         site: &'static Location<'static>,
     ) -> PgLock {
-        let what: Arc<str> = format!(
-            "{} advisory lock {key} on {}",
-            if shared { "shared" } else { "exclusive" },
-            session.endpoint
-        )
-        .into();
-        let lost = CancellationToken::new();
-        let cause = Arc::new(OnceLock::new());
-        let stop = CancellationToken::new();
-        let check = session.check.clone();
-        let watch = Watch {
-            client: Arc::clone(&session.client),
-            check,
-            key: resolved,
-            interval: session.options.check_interval,
-            timeout: session.options.effective_check_timeout(),
-            closed: session.closed.clone(),
-            closed_why: Arc::clone(&session.closed_why),
-            stop: stop.clone(),
-            lost: lost.clone(),
-            cause: Arc::clone(&cause),
+        let state = Arc::new(LockState {
+            lost: CancellationToken::new(),
+            cause: OnceLock::new(),
             what: Arc::clone(&what),
+            key: resolved,
             site,
-        };
-        tokio::spawn(watch.run());
+        });
+        let watched = Arc::clone(&session.watched);
+        watched.arm(&state);
         let mut builder = AsyncGuard::builder()
             .kind(&KIND)
-            .resource(what.to_string())
+            .resource(String::from(&*what))
             .site(site)
             .fallback(|held: Held| held.close_connection());
         if let Some(reaper) = &session.options.reaper {
@@ -214,12 +212,11 @@ impl PgLock {
             unlock_sent: false,
         };
         PgLock {
+            armed: Armed(watched),
             guard: builder.build(held, Held::cleanup),
-            lost,
-            cause,
+            state,
             key,
             fence,
-            stop_watch: stop.drop_guard(),
         }
     }
 
@@ -240,23 +237,23 @@ impl PgLock {
     /// # Cancel safety
     /// Cancel-safe: dropping the future changes nothing; call `lost()` again.
     pub fn lost(&self) -> WaitForCancellationFuture<'_> {
-        self.lost.cancelled()
+        self.state.lost.cancelled()
     }
 
     /// A token cancelled when the lock is lost, to hand to tasks doing the protected
     /// work (cancelling it yourself does not affect the lock).
     pub fn lost_token(&self) -> CancellationToken {
-        self.lost.child_token()
+        self.state.lost.child_token()
     }
 
     /// Whether the lock is known to be lost.
     pub fn is_lost(&self) -> bool {
-        self.lost.is_cancelled()
+        self.state.lost.is_cancelled()
     }
 
     /// Why the lock was lost, once it was.
     pub fn lost_cause(&self) -> Option<&LostCause> {
-        self.cause.get()
+        self.state.cause.get()
     }
 
     /// The fencing token of this acquisition: larger than that of every earlier
@@ -293,12 +290,12 @@ impl PgLock {
     /// # Cancel safety
     /// Cancel-safe: dropped before it finished, the rest of the release runs on the
     /// reaper, and its error is reported there.
-    pub async fn close(self) -> io::Result<()> {
-        let PgLock {
-            guard, stop_watch, ..
-        } = self;
-        drop(stop_watch);
-        AsyncGuard::close(guard).await
+    pub fn close(self) -> impl Future<Output = io::Result<()>> + Send + 'static {
+        // Taken apart before the future, so that the future does not hold the lock twice
+        // (as the argument and as its parts).
+        let PgLock { armed, guard, .. } = self;
+        drop(armed);
+        async move { AsyncGuard::close(guard).await }
     }
 
     /// Unlocks and gives the session back, to take the next lock without reconnecting.
@@ -309,18 +306,17 @@ impl PgLock {
     /// # Cancel safety
     /// Cancel-safe: dropped before it finished, the connection is closed on the reaper
     /// (the lock goes with the session).
-    pub async fn release(self) -> io::Result<PgSession> {
-        let PgLock {
-            mut guard,
-            stop_watch,
-            ..
-        } = self;
-        drop(stop_watch);
-        match guard.unlock().await {
-            Ok(()) => Ok(AsyncGuard::into_inner(guard).session),
-            Err(e) => {
-                AsyncGuard::into_inner(guard).close_connection();
-                Err(e)
+    pub fn release(self) -> impl Future<Output = io::Result<PgSession>> + Send + 'static {
+        let PgLock { armed, guard, .. } = self;
+        drop(armed);
+        async move {
+            let mut guard = guard;
+            match guard.unlock().await {
+                Ok(()) => Ok(AsyncGuard::into_inner(guard).session),
+                Err(e) => {
+                    AsyncGuard::into_inner(guard).close_connection();
+                    Err(e)
+                }
             }
         }
     }
@@ -334,79 +330,5 @@ impl fmt::Debug for PgLock {
             .field("fence", &self.fence)
             .field("lost", &self.lost_cause())
             .finish()
-    }
-}
-
-/// The liveness watch of one held lock, as a task: fires `lost` when the connection ends
-/// or a check fails; stops when `stop` is cancelled (the lock was released or dropped).
-struct Watch {
-    client: Arc<tokio_postgres::Client>,
-    check: Option<tokio_postgres::Statement>,
-    key: Resolved,
-    interval: Duration,
-    timeout: Duration,
-    closed: CancellationToken,
-    closed_why: Arc<OnceLock<LostCause>>,
-    stop: CancellationToken,
-    lost: CancellationToken,
-    cause: Arc<OnceLock<LostCause>>,
-    what: Arc<str>,
-    site: &'static Location<'static>,
-}
-
-impl Watch {
-    async fn run(self) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await; // the first tick is now: the lock was just granted
-        let (classid, objid, objsubid) = self.key.pg_locks();
-        let cause = loop {
-            tokio::select! {
-                biased;
-                () = self.stop.cancelled() => return,
-                () = self.closed.cancelled() => break self.closed_cause(),
-                _ = tick.tick() => {}
-            }
-            let Some(check) = &self.check else {
-                continue;
-            };
-            let params: [&(dyn ToSql + Sync); 3] = [&classid, &objid, &objsubid];
-            let query = self.client.query_one(check, &params);
-            let outcome = tokio::select! {
-                biased;
-                () = self.stop.cancelled() => return,
-                () = self.closed.cancelled() => break self.closed_cause(),
-                outcome = tokio::time::timeout(self.timeout, query) => outcome,
-            };
-            match outcome {
-                Ok(Ok(row)) if row.get::<_, bool>(0) => {}
-                Ok(Ok(_)) => break LostCause::NotHeld,
-                Ok(Err(e)) if self.client.is_closed() => {
-                    // The connection task records the server's reason: wait for it.
-                    let reason = tokio::time::timeout(self.timeout, self.closed.cancelled());
-                    break match reason.await {
-                        Ok(()) => self.closed_cause(),
-                        Err(_) => LostCause::ConnectionClosed(super::error::chain(&e)),
-                    };
-                }
-                Ok(Err(e)) => break LostCause::CheckFailed(super::error::chain(&e)),
-                Err(_) => break LostCause::CheckTimedOut(self.timeout),
-            }
-        };
-        if self.stop.is_cancelled() {
-            return;
-        }
-        let _ = self.cause.set(cause);
-        if let Some(cause) = self.cause.get() {
-            events::failure("lock lost", KIND.name(), self.site, &self.what, cause);
-        }
-        self.lost.cancel();
-    }
-
-    fn closed_cause(&self) -> LostCause {
-        self.closed_why
-            .get()
-            .cloned()
-            .unwrap_or_else(|| LostCause::ConnectionClosed("closed".into()))
     }
 }

@@ -27,12 +27,13 @@
 //! failures are tracing `error` events under target `custodian`.
 //!
 //! ```no_run
-//! use custodian::pg::{PgLockHeld, PgLockOptions};
+//! use custodian::pg::PgLockOptions;
 //!
 //! # async fn send_report(fence: i64) {}
 //! # async fn f() -> std::io::Result<()> {
 //! let options = PgLockOptions::parse("host=db.internal user=app dbname=app")?;
-//! match options.try_acquire("nightly-report").await {
+//! // I/O errors (unreachable server, ...) in the outer `Result`, "held" in the inner one.
+//! match options.try_acquire("nightly-report").await? {
 //!     Ok(lock) => {
 //!         tokio::select! {
 //!             _ = send_report(lock.fence().unwrap()) => lock.close().await?,
@@ -40,8 +41,7 @@
 //!         }
 //!     }
 //!     // "exclusive advisory lock "nightly-report" on db.internal:5432 is held by backend pid 4242 ..."
-//!     Err(e) if PgLockHeld::of(&e).is_some() => println!("{e}"),
-//!     Err(e) => return Err(e),
+//!     Err(held) => println!("{held}"),
 //! }
 //! # Ok(()) }
 //! ```
@@ -57,6 +57,7 @@ mod error;
 mod key;
 mod lock;
 mod session;
+mod watch;
 
 pub use error::{Holder, LostCause, PgLockHeld};
 pub use key::LockKey;

@@ -5,18 +5,20 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::panic::Location;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::AbortHandle;
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, NoTls, Statement};
 use tokio_util::sync::CancellationToken;
 
-use super::error::{Holder, LostCause, PgLockHeld, closed_cause, pg_error};
+use super::error::{Holder, PgLockHeld, closed_cause, pg_error};
 use super::key::{LockKey, Resolved};
 use super::lock::PgLock;
+use super::watch::{OnConnectionEnd, Watch, Watched};
 use crate::rt::Reaper;
 
 /// How to connect and lock: the server, shared or exclusive, the liveness check, fencing.
@@ -131,8 +133,11 @@ impl PgLockOptions {
         self
     }
 
-    /// How long `close` and a dropped lock wait for the unlock before closing the
-    /// connection instead (default 5 s).
+    /// How long `close`, `release` and a dropped lock wait for the unlock before closing
+    /// the connection instead, so that the server frees the lock with the session
+    /// (default 5 s). The session's liveness watch enforces it at its ticks (no timer per
+    /// unlock): the connection is closed after at least this long and at most two check
+    /// intervals more.
     pub fn unlock_timeout(&mut self, timeout: Duration) -> &mut Self {
         self.unlock_timeout = timeout;
         self
@@ -195,16 +200,28 @@ impl PgLockOptions {
         let (site, key, options) = (Location::caller(), key.into(), self.clone());
         async move {
             let session = PgSession::connect(&options).await?;
-            session.lock(key, Wait::Block, site).await
+            held_as_error(session.lock(key, Wait::Block, site).await)
         }
     }
 
-    /// Opens a dedicated connection and takes the lock on `key` if it is free now.
+    /// Opens a dedicated connection and takes the lock on `key` if it is free now:
+    /// `Ok(Ok(lock))`, or `Ok(Err(held))` when another session holds it, naming the
+    /// holders' backend pids, `application_name`s and client addresses, with the session
+    /// that tried ([`PgLockHeld::into_session`]).
+    ///
+    /// ```no_run
+    /// # async fn f() -> std::io::Result<()> {
+    /// let options = custodian::pg::PgLockOptions::parse("host=127.0.0.1 user=app dbname=app")?;
+    /// match options.try_acquire("nightly-report").await? {
+    ///     Ok(lock) => lock.close().await?,
+    ///     Err(held) => println!("{held}"), // "... held by backend pid 4242 ..."
+    /// }
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
-    /// As [`acquire`](Self::acquire); if the lock is held, an error of kind
-    /// [`WouldBlock`](io::ErrorKind::WouldBlock) holding a [`PgLockHeld`] that names
-    /// the holders' backend pids, `application_name`s and client addresses.
+    /// As [`acquire`](Self::acquire): the connection or the lock query failed. A lock
+    /// held by someone else is not an error but `Ok(Err(held))`.
     ///
     /// # Cancel safety
     /// As [`acquire`](Self::acquire).
@@ -212,7 +229,7 @@ impl PgLockOptions {
     pub fn try_acquire(
         &self,
         key: impl Into<LockKey>,
-    ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
+    ) -> impl Future<Output = io::Result<Result<PgLock, PgLockHeld>>> + Send + 'static {
         let (site, key, options) = (Location::caller(), key.into(), self.clone());
         async move {
             let session = PgSession::connect(&options).await?;
@@ -224,7 +241,9 @@ impl PgLockOptions {
     /// `timeout` (the server's `lock_timeout`; the connect has its own timeout).
     ///
     /// # Errors
-    /// As [`try_acquire`](Self::try_acquire) when the time is up.
+    /// As [`acquire`](Self::acquire); when the time is up, an error of kind
+    /// [`WouldBlock`](io::ErrorKind::WouldBlock) holding the [`PgLockHeld`] (get it with
+    /// [`PgLockHeld::of`] or, with the session, [`PgLockHeld::from_io`]).
     ///
     /// # Cancel safety
     /// As [`acquire`](Self::acquire).
@@ -237,7 +256,7 @@ impl PgLockOptions {
         let (site, key, options) = (Location::caller(), key.into(), self.clone());
         async move {
             let session = PgSession::connect(&options).await?;
-            session.lock(key, Wait::For(timeout), site).await
+            held_as_error(session.lock(key, Wait::For(timeout), site).await)
         }
     }
 }
@@ -284,6 +303,43 @@ pub(crate) fn endpoint(config: &Config) -> String {
     out
 }
 
+/// The outcome of a lock query that waits: the fence token (0 with fencing off), or
+/// `None` when the wait ended on `lock_timeout`.
+fn granted(
+    result: Result<tokio_postgres::Row, tokio_postgres::Error>,
+    fencing: bool,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    match result {
+        Ok(row) => Ok(Some(if fencing { row.get::<_, i64>(0) } else { 0 })),
+        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The lock query with the server's `lock_timeout` set to `timeout` for its duration.
+async fn lock_for(
+    client: &Client,
+    stmt: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+    timeout: Duration,
+    fencing: bool,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128).to_string();
+    client
+        .execute("SELECT set_config('lock_timeout', $1, false)", &[&ms])
+        .await?;
+    let result = client.query_one(stmt, params).await;
+    client
+        .execute("SELECT set_config('lock_timeout', '0', false)", &[])
+        .await?;
+    granted(result, fencing)
+}
+
+/// `acquire` and `acquire_timeout` report a held lock as an error of kind `WouldBlock`.
+fn held_as_error(got: io::Result<Result<PgLock, PgLockHeld>>) -> io::Result<PgLock> {
+    got?.map_err(io::Error::from)
+}
+
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Wait {
     Block,
@@ -291,12 +347,11 @@ pub(crate) enum Wait {
     For(Duration),
 }
 
-/// The prepared statements for one key form (`Id` or `Pair`) and mode.
-#[derive(Clone)]
-pub(crate) struct Statements {
-    pub(crate) lock: Statement,
-    pub(crate) try_lock: Statement,
-    pub(crate) unlock: Statement,
+/// The prepared statements for one key form (`Id` or `Pair`), in the session's mode.
+struct Statements {
+    lock: Statement,
+    try_lock: Statement,
+    unlock: Statement,
 }
 
 /// A dedicated connection to take advisory locks on, one at a time: the connection
@@ -322,15 +377,29 @@ pub struct PgSession {
     pub(crate) options: Arc<PgLockOptions>,
     pub(crate) endpoint: Arc<str>,
     pub(crate) backend_pid: i32,
-    /// Cancelled when the connection task ends; `closed_why` says why.
+    /// Cancelled when the connection task ends; `watched.closed_why` says why.
     pub(crate) closed: CancellationToken,
-    pub(crate) closed_why: Arc<OnceLock<LostCause>>,
-    /// Per key form and mode (`[form][shared]`), prepared on first use.
-    stmts: [[Option<Statements>; 2]; 2],
-    fence_stmts: [[Option<(Statement, Statement)>; 2]; 2],
-    pub(crate) check: Option<Statement>,
+    /// The lock held now, shared with the connection task and the watch task.
+    pub(crate) watched: Arc<Watched>,
+    /// Boxed: the session moves through every acquire and release future, and a
+    /// pointer moves cheaper than the caches.
+    cache: Box<Cache>,
+}
+
+/// What a session prepares or works out once and reuses.
+#[derive(Default)]
+struct Cache {
+    /// The lock statements per key form (`Id`, `Pair`), prepared on first use; the mode
+    /// (shared or exclusive) is the session's.
+    stmts: [Option<Statements>; 2],
+    /// The fencing lock statements `(wait, try)` per key form.
+    fence_stmts: [Option<(Statement, Statement)>; 2],
     holders: Option<Statement>,
+    /// Name keys as the server hashed them.
     names: HashMap<String, i64>,
+    /// The last lock's description ("exclusive advisory lock 42 on host:port"), reused
+    /// when the next lock has the same key.
+    what: Option<(LockKey, Arc<str>)>,
 }
 
 impl PgSession {
@@ -371,30 +440,45 @@ impl PgSession {
             }
         };
         let closed = CancellationToken::new();
-        let closed_why = Arc::new(OnceLock::new());
+        let watched = Arc::new(Watched::default());
         let conn_task = {
-            let (closed, closed_why) = (closed.clone(), Arc::clone(&closed_why));
+            let on_end = OnConnectionEnd {
+                watched: Arc::clone(&watched),
+                closed: closed.clone(),
+                why: None,
+            };
             tokio::spawn(async move {
+                let mut on_end = on_end;
                 let result = connection.await;
-                let _ = closed_why.set(closed_cause(result.as_ref().err()));
-                closed.cancel();
+                on_end.ended(closed_cause(result.as_ref().err()));
             })
             .abort_handle()
         };
+        let client = Arc::new(client);
+        // One watch per session, for all the locks it takes in turn; it ends with the
+        // connection.
+        tokio::spawn(
+            Watch {
+                watched: Arc::clone(&watched),
+                client: Arc::downgrade(&client),
+                closed: closed.clone(),
+                interval: options.check_interval,
+                timeout: options.effective_check_timeout(),
+                unlock_timeout: options.unlock_timeout,
+                conn_task: conn_task.clone(),
+            }
+            .run(),
+        );
         let mut session = PgSession {
-            client: Arc::new(client),
+            client,
             // Aborting the task drops the connection: the socket closes at once.
             conn_task,
             options: Arc::new(options.clone()),
             endpoint,
             backend_pid: 0,
             closed,
-            closed_why,
-            stmts: Default::default(),
-            fence_stmts: Default::default(),
-            check: None,
-            holders: None,
-            names: HashMap::new(),
+            watched,
+            cache: Box::default(),
         };
         let row = session
             .client
@@ -410,7 +494,9 @@ impl PgSession {
     ///
     /// # Errors
     /// The lock query failed (the server went away, the fence table could not be
-    /// created), naming the key and the server. The session is closed then.
+    /// created), naming the key and the server. The session is closed then. If the
+    /// server's own `lock_timeout` ends the wait, kind `WouldBlock` with the
+    /// [`PgLockHeld`], as for [`acquire_timeout`](Self::acquire_timeout).
     ///
     /// # Cancel safety
     /// Cancel-safe: a cancelled wait is cancelled on the server too (a cancel request)
@@ -420,15 +506,30 @@ impl PgSession {
         self,
         key: impl Into<LockKey>,
     ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
-        self.lock(key.into(), Wait::Block, Location::caller())
+        // Not `let lock = self.lock(..); async move { lock.await }`: the future would
+        // be stored twice over.
+        let (key, site) = (key.into(), Location::caller());
+        async move { held_as_error(self.lock(key, Wait::Block, site).await) }
     }
 
-    /// Takes the lock on `key` if it is free now.
+    /// Takes the lock on `key` if it is free now: `Ok(Ok(lock))`, or `Ok(Err(held))`
+    /// naming the holders, from which [`PgLockHeld::into_session`] gives this session
+    /// back.
+    ///
+    /// ```no_run
+    /// # async fn f(session: custodian::pg::PgSession) -> std::io::Result<()> {
+    /// let session = match session.try_acquire(42).await? {
+    ///     Ok(lock) => lock.release().await?,
+    ///     Err(held) => {
+    ///         println!("{held}");
+    ///         held.into_session()
+    ///     }
+    /// };
+    /// # drop(session); Ok(()) }
+    /// ```
     ///
     /// # Errors
-    /// As [`acquire`](Self::acquire); if the lock is held, kind `WouldBlock` with a
-    /// [`PgLockHeld`] naming the holders, from which
-    /// [`PgLockHeld::into_session`] gives this session back.
+    /// As [`acquire`](Self::acquire): the lock query failed, and the session is closed.
     ///
     /// # Cancel safety
     /// As [`acquire`](Self::acquire).
@@ -436,14 +537,16 @@ impl PgSession {
     pub fn try_acquire(
         self,
         key: impl Into<LockKey>,
-    ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
+    ) -> impl Future<Output = io::Result<Result<PgLock, PgLockHeld>>> + Send + 'static {
         self.lock(key.into(), Wait::Try, Location::caller())
     }
 
     /// Takes the lock on `key`, waiting at most `timeout`.
     ///
     /// # Errors
-    /// As [`try_acquire`](Self::try_acquire) when the time is up.
+    /// As [`acquire`](Self::acquire); when the time is up, kind `WouldBlock` with the
+    /// [`PgLockHeld`], which gives this session back ([`PgLockHeld::from_io`], then
+    /// [`PgLockHeld::into_session`]).
     ///
     /// # Cancel safety
     /// As [`acquire`](Self::acquire).
@@ -453,7 +556,10 @@ impl PgSession {
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
-        self.lock(key.into(), Wait::For(timeout), Location::caller())
+        // Not `let lock = self.lock(..); async move { lock.await }`: the future would
+        // be stored twice over.
+        let (key, site) = (key.into(), Location::caller());
+        async move { held_as_error(self.lock(key, Wait::For(timeout), site).await) }
     }
 
     /// The server's pid for this session (`pg_backend_pid()`).
@@ -481,101 +587,143 @@ impl PgSession {
         )
     }
 
+    /// What error messages and events call the lock on `key`: "exclusive advisory lock
+    /// 42 on host:port". Kept for the next lock on the same key.
+    fn describe(&mut self, key: &LockKey) -> Arc<str> {
+        if let Some((last, what)) = &self.cache.what
+            && last == key
+        {
+            return Arc::clone(what);
+        }
+        let mode = if self.options.shared {
+            "shared"
+        } else {
+            "exclusive"
+        };
+        let what: Arc<str> = format!("{mode} advisory lock {key} on {}", self.endpoint).into();
+        self.cache.what = Some((key.clone(), Arc::clone(&what)));
+        what
+    }
+
+    /// Takes the lock: `Ok(Err(held))` when another session holds it (at once for
+    /// `Wait::Try`, when the time is up for `Wait::For`).
+    ///
+    /// The first lock of a session prepares its statements, a name key is hashed once,
+    /// and a held lock is looked up in `pg_locks`: those slow paths are boxed futures,
+    /// so that the future of the usual path (one lock query) stays small and cheap to
+    /// move.
     pub(crate) async fn lock(
         mut self,
         key: LockKey,
         wait: Wait,
         site: &'static Location<'static>,
-    ) -> io::Result<PgLock> {
-        let start = Instant::now();
-        let what = format!("advisory lock {key} on {}", self.endpoint);
-        let resolved = self.resolve(&key).await?;
-        let shared = self.options.shared;
+    ) -> io::Result<Result<PgLock, PgLockHeld>> {
+        let resolved = match &key {
+            LockKey::Id(k) => Resolved::Id(*k),
+            LockKey::Pair(a, b) => Resolved::Pair(*a, *b),
+            LockKey::Name(name) => match self.cache.names.get(name.as_ref()) {
+                Some(k) => Resolved::Id(*k),
+                None => Box::pin(self.resolve(&key)).await?,
+            },
+        };
         let fencing = self.options.fence_table.is_some();
-        let (lock_stmt, try_stmt) = if fencing {
-            let (lock, try_lock) = self.fence_statements(resolved).await?;
-            (lock, try_lock)
-        } else {
-            let s = self.statements(resolved).await?;
-            (s.lock.clone(), s.try_lock.clone())
+        let form = resolved.form();
+        // Everything is prepared before the lock is asked for: once it is granted,
+        // nothing is awaited before the guard exists.
+        if self.cache.stmts[form].is_none()
+            || (fencing && self.cache.fence_stmts[form].is_none())
+            || self.watched.check.get().is_none()
+        {
+            Box::pin(self.prepare(resolved)).await?;
+        }
+        let lock_stmt = match (fencing, wait) {
+            (true, Wait::Try) => self.cache.fence_stmts[form].as_ref().map(|s| &s.1),
+            (true, _) => self.cache.fence_stmts[form].as_ref().map(|s| &s.0),
+            (false, Wait::Try) => self.cache.stmts[form].as_ref().map(|s| &s.try_lock),
+            (false, _) => self.cache.stmts[form].as_ref().map(|s| &s.lock),
         };
-        let (a, b) = match resolved {
-            Resolved::Id(k) => (k, 0),
-            Resolved::Pair(a, b) => (i64::from(a), i64::from(b)),
+        let Some(lock_stmt) = lock_stmt.cloned() else {
+            unreachable!("the lock statements were prepared above")
         };
-        let (k64, ka, kb) = (a, a as i32, b as i32);
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = match resolved {
-            Resolved::Id(_) => vec![&k64],
-            Resolved::Pair(..) => vec![&ka, &kb],
+        let (k, a, b) = match resolved {
+            Resolved::Id(k) => (k, 0, 0),
+            Resolved::Pair(a, b) => (0, a, b),
         };
+        let (one, two): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 2]) = ([&k], [&a, &b]);
+        let params: &[&(dyn ToSql + Sync)] = match resolved {
+            Resolved::Id(_) => &one,
+            Resolved::Pair(..) => &two,
+        };
+        let start = matches!(wait, Wait::For(_)).then(Instant::now);
         // From here the server may be waiting for the lock on our behalf: if this future
         // is dropped, tell it to stop and close the connection.
-        let cancel_on_drop = CancelOnDrop::new(&self);
-        let outcome: Result<Option<i64>, tokio_postgres::Error> = async {
-            match wait {
-                Wait::Try => {
-                    let rows = self.client.query(&try_stmt, &params).await?;
-                    Ok(rows.first().and_then(|row| {
-                        if fencing {
-                            Some(row.get::<_, i64>(0))
-                        } else {
-                            row.get::<_, bool>(0).then_some(0)
-                        }
-                    }))
+        let cancel_on_drop = CancelOnDrop(Some(&self));
+        let client = &*self.client;
+        // One query future for both waits (`query_opt`: no row when `try` with fencing
+        // did not get the lock), so that the future holds one, not two.
+        let outcome: Result<Option<i64>, tokio_postgres::Error> = match wait {
+            Wait::For(d) => Box::pin(lock_for(client, &lock_stmt, params, d, fencing)).await,
+            Wait::Try | Wait::Block => match client.query_opt(&lock_stmt, params).await {
+                Ok(Some(row)) if fencing => Ok(Some(row.get::<_, i64>(0))),
+                Ok(Some(row)) if matches!(wait, Wait::Try) => {
+                    Ok(row.get::<_, bool>(0).then_some(0))
                 }
-                Wait::Block | Wait::For(_) => {
-                    if let Wait::For(d) = wait {
-                        let ms = d.as_millis().clamp(1, i32::MAX as u128).to_string();
-                        self.client
-                            .execute("SELECT set_config('lock_timeout', $1, false)", &[&ms])
-                            .await?;
-                    }
-                    let result = self.client.query_one(&lock_stmt, &params).await;
-                    if let Wait::For(_) = wait {
-                        self.client
-                            .execute("SELECT set_config('lock_timeout', '0', false)", &[])
-                            .await?;
-                    }
-                    match result {
-                        Ok(row) => Ok(Some(if fencing { row.get::<_, i64>(0) } else { 0 })),
-                        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Ok(None),
-                        Err(e) => Err(e),
-                    }
-                }
-            }
-        }
-        .await;
+                Ok(Some(_)) => Ok(Some(0)),
+                Ok(None) => Ok(None),
+                Err(e) => granted(Err(e), fencing),
+            },
+        };
         cancel_on_drop.disarm();
         match outcome {
             Ok(Some(token)) => {
-                let statements = self.statements(resolved).await?;
-                self.check_statement().await?;
+                let what = self.describe(&key);
+                let Some(unlock) = self.cache.stmts[form].as_ref().map(|s| s.unlock.clone()) else {
+                    unreachable!("the lock statements were prepared above")
+                };
                 let fence = fencing.then_some(token);
-                Ok(PgLock::new(
-                    self, key, resolved, shared, fence, statements, site,
-                ))
+                Ok(Ok(PgLock::new(
+                    self, key, resolved, fence, unlock, what, site,
+                )))
             }
             Ok(None) => {
-                let waited = match wait {
-                    Wait::Try => Duration::ZERO,
-                    _ => start.elapsed(),
-                };
-                let holders = self.holders(resolved).await?;
-                Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    PgLockHeld {
-                        what,
-                        holders,
-                        waited,
-                        session: Some(self),
-                    },
+                let waited = start.map_or(Duration::ZERO, |start| start.elapsed());
+                Box::pin(self.held(key, resolved, waited)).await
+            }
+            Err(e) => {
+                let what = self.describe(&key);
+                Err(pg_error(
+                    e,
+                    format_args!("cannot take {what} (backend pid {})", self.backend_pid),
                 ))
             }
-            Err(e) => Err(pg_error(
-                e,
-                format_args!("cannot take {what} (backend pid {})", self.backend_pid),
-            )),
         }
+    }
+
+    /// The lock is held by others: who.
+    async fn held(
+        mut self,
+        key: LockKey,
+        resolved: Resolved,
+        waited: Duration,
+    ) -> io::Result<Result<PgLock, PgLockHeld>> {
+        let holders = self.holders(resolved).await?;
+        let what = self.describe(&key).to_string();
+        Ok(Err(PgLockHeld {
+            what,
+            holders,
+            waited,
+            session: self,
+        }))
+    }
+
+    /// Prepares what locks on keys of `key`'s form need: the lock statements, the
+    /// fencing ones, the liveness check.
+    async fn prepare(&mut self, key: Resolved) -> io::Result<()> {
+        self.statements(key).await?;
+        if self.options.fence_table.is_some() {
+            self.fence_statements(key).await?;
+        }
+        self.check_statement().await
     }
 
     /// The key as the server sees it; a name is hashed by the server (and remembered).
@@ -584,7 +732,7 @@ impl PgSession {
             LockKey::Id(k) => Resolved::Id(*k),
             LockKey::Pair(a, b) => Resolved::Pair(*a, *b),
             LockKey::Name(name) => {
-                if let Some(k) = self.names.get(name.as_ref()) {
+                if let Some(k) = self.cache.names.get(name.as_ref()) {
                     return Ok(Resolved::Id(*k));
                 }
                 let row = self
@@ -593,17 +741,18 @@ impl PgSession {
                     .await
                     .map_err(|e| self.error(e, &format!("cannot hash the lock name {name:?}")))?;
                 let k: i64 = row.get(0);
-                self.names.insert(name.to_string(), k);
+                self.cache.names.insert(name.to_string(), k);
                 Resolved::Id(k)
             }
         })
     }
 
-    pub(crate) async fn statements(&mut self, key: Resolved) -> io::Result<Statements> {
-        let shared = self.options.shared;
-        if let Some(s) = &self.stmts[key.form()][usize::from(shared)] {
-            return Ok(s.clone());
+    /// Prepares the lock statements for keys of `key`'s form, once.
+    async fn statements(&mut self, key: Resolved) -> io::Result<()> {
+        if self.cache.stmts[key.form()].is_some() {
+            return Ok(());
         }
+        let shared = self.options.shared;
         let sfx = if shared { "_shared" } else { "" };
         let args = key.args();
         let prepare = |sql: String| {
@@ -616,23 +765,22 @@ impl PgSession {
             prepare(format!("SELECT pg_advisory_unlock{sfx}({args})")),
         )
         .map_err(|e| self.error(e, "cannot prepare the lock statements"))?;
-        let s = Statements {
+        self.cache.stmts[key.form()] = Some(Statements {
             lock,
             try_lock,
             unlock,
-        };
-        self.stmts[key.form()][usize::from(shared)] = Some(s.clone());
-        Ok(s)
+        });
+        Ok(())
     }
 
     /// The lock statements that also bump the key's fence counter, in the same
     /// statement: `(wait, try)`, each returning the new token (no row when `try` did not
     /// get the lock). The table is created on first use.
-    async fn fence_statements(&mut self, key: Resolved) -> io::Result<(Statement, Statement)> {
-        let shared = self.options.shared;
-        if let Some(s) = &self.fence_stmts[key.form()][usize::from(shared)] {
-            return Ok(s.clone());
+    async fn fence_statements(&mut self, key: Resolved) -> io::Result<()> {
+        if self.cache.fence_stmts[key.form()].is_some() {
+            return Ok(());
         }
+        let shared = self.options.shared;
         let table = quote_ident(self.options.fence_table.as_deref().unwrap_or_default());
         let sfx = if shared { "_shared" } else { "" };
         let (args, cols) = (key.args(), key.fence_columns());
@@ -657,8 +805,8 @@ impl PgSession {
             );
             match prepared {
                 Ok(pair) => {
-                    self.fence_stmts[key.form()][usize::from(shared)] = Some(pair.clone());
-                    return Ok(pair);
+                    self.cache.fence_stmts[key.form()] = Some(pair);
+                    return Ok(());
                 }
                 Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) && !created => {
                     created = true;
@@ -690,9 +838,9 @@ impl PgSession {
     }
 
     /// The liveness check: does this session still hold the lock?
-    pub(crate) async fn check_statement(&mut self) -> io::Result<Statement> {
-        if let Some(s) = &self.check {
-            return Ok(s.clone());
+    async fn check_statement(&mut self) -> io::Result<()> {
+        if self.watched.check.get().is_some() {
+            return Ok(());
         }
         let s = self
             .client
@@ -704,12 +852,12 @@ impl PgSession {
             )
             .await
             .map_err(|e| self.error(e, "cannot prepare the liveness check"))?;
-        self.check = Some(s.clone());
-        Ok(s)
+        let _ = self.watched.check.set(s);
+        Ok(())
     }
 
     async fn holders(&mut self, key: Resolved) -> io::Result<Vec<Holder>> {
-        let stmt = match &self.holders {
+        let stmt = match &self.cache.holders {
             Some(s) => s.clone(),
             None => {
                 let s = self
@@ -725,7 +873,7 @@ impl PgSession {
                     )
                     .await
                     .map_err(|e| self.error(e, "cannot prepare the holders query"))?;
-                self.holders = Some(s.clone());
+                self.cache.holders = Some(s.clone());
                 s
             }
         };
@@ -759,31 +907,21 @@ impl fmt::Debug for PgSession {
 
 /// While a lock query is in flight: if the acquiring future is dropped, a cancel
 /// request stops the server's wait (a backend waiting for a lock does not notice that
-/// its client went away), and the connection is closed.
-struct CancelOnDrop {
-    armed: Option<(tokio_postgres::CancelToken, AbortHandle, Option<Reaper>)>,
-}
+/// its client went away), and the connection is closed. It borrows the session, so that
+/// arming it costs nothing.
+struct CancelOnDrop<'a>(Option<&'a PgSession>);
 
-impl CancelOnDrop {
-    fn new(session: &PgSession) -> CancelOnDrop {
-        CancelOnDrop {
-            armed: Some((
-                session.client.cancel_token(),
-                session.conn_task.clone(),
-                session.options.reaper.clone(),
-            )),
-        }
-    }
-
+impl CancelOnDrop<'_> {
     fn disarm(mut self) {
-        self.armed = None;
+        self.0 = None;
     }
 }
 
-impl Drop for CancelOnDrop {
+impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
-        if let Some((token, conn_task, reaper)) = self.armed.take() {
-            let reaper = reaper.as_ref().unwrap_or(Reaper::global());
+        if let Some(session) = self.0.take() {
+            let (token, conn_task) = (session.client.cancel_token(), session.conn_task.clone());
+            let reaper = session.options.reaper.as_ref().unwrap_or(Reaper::global());
             reaper.defer(async move {
                 let result = token.cancel_query(NoTls).await;
                 conn_task.abort();
