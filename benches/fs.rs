@@ -238,11 +238,7 @@ fn lock(c: &mut Criterion) {
     group.bench_function("custodian_LockFile", |b| {
         b.iter(|| LockFile::acquire(&path).unwrap().close().unwrap())
     });
-    let keep = {
-        let mut options = LockFile::options();
-        options.remove_on_release(false);
-        options
-    };
+    let keep = LockFile::builder().remove_on_release(false);
     group.bench_function("custodian_LockFile_keep_file", |b| {
         b.iter(|| keep.acquire(&path).unwrap().close().unwrap())
     });

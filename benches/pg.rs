@@ -20,7 +20,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use custodian::pg::{PgLockOptions, PgSession};
+use custodian::pg::{PgLockBuilder, PgSession};
 use tokio::runtime::{Builder, Runtime};
 use tokio_postgres::{Client, NoTls, Statement};
 
@@ -64,10 +64,10 @@ async fn ours(session: PgSession) -> PgSession {
     lock.release().await.unwrap()
 }
 
-fn options(conn: &str, fencing: bool) -> PgLockOptions {
-    let mut options = PgLockOptions::parse(conn).unwrap();
+fn options(conn: &str, fencing: bool) -> PgLockBuilder {
+    let mut options = PgLockBuilder::parse(conn).unwrap();
     if !fencing {
-        options.fencing(None);
+        options = options.fencing(None);
     }
     options
 }

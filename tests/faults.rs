@@ -107,8 +107,8 @@ fn lock_file_leaves_a_foreign_file_byte_for_byte_untouched() {
         ("newline-only", b"\n"),
         ("long-digits", &long_digits),
     ];
-    let shared = LockFile::options().shared(true).clone();
-    let keep = LockFile::options().remove_on_release(false).clone();
+    let shared = LockFile::builder().shared(true);
+    let keep = LockFile::builder().remove_on_release(false);
     for (name, content) in foreign {
         let path = dir.path().join(name);
         fs::write(&path, content).unwrap();
@@ -226,7 +226,7 @@ fn lock_file_release_leaves_a_file_rewritten_while_held() {
     let dir = tempfile::tempdir().unwrap();
     for keep in [false, true] {
         let path = dir.path().join(format!("rewritten-{keep}"));
-        let lock = LockFile::options()
+        let lock = LockFile::builder()
             .remove_on_release(!keep)
             .acquire(&path)
             .unwrap();

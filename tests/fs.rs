@@ -483,7 +483,7 @@ fn atomic_close_commits_through_a_cleanup_stack() {
 fn atomic_removes_stale_temp_files_of_dead_writers_only() {
     let named = || {
         let mut builder = AtomicFile::builder();
-        builder.named_temp_file(true);
+        builder = builder.named_temp_file(true);
         builder
     };
     let dir = tempfile::tempdir().unwrap();
@@ -847,8 +847,8 @@ fn lock_left_by_a_killed_process_does_not_block() {
 fn lock_shared_holders_coexist_and_the_last_one_removes_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cache.lock");
-    let mut opts = LockFile::options();
-    opts.shared(true);
+    let mut opts = LockFile::builder();
+    opts = opts.shared(true);
     let a = opts.acquire(&path).unwrap();
     let b = opts
         .try_acquire(&path)
@@ -958,7 +958,7 @@ fn lock_acquire_timeout_gets_a_lock_released_in_time() {
 fn lock_kept_file_is_emptied_on_release() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.pid");
-    let lock = LockFile::options()
+    let lock = LockFile::builder()
         .remove_on_release(false)
         .acquire(&path)
         .unwrap();
@@ -985,7 +985,7 @@ fn lock_drop_reports_a_failed_removal() {
     );
     // The lock itself was released.
     assert!(
-        LockFile::options()
+        LockFile::builder()
             .remove_on_release(false)
             .try_acquire(&path)
             .unwrap()

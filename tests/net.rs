@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use custodian::Close;
-use custodian::net::{GracefulClose, SUN_PATH_MAX, TcpStreamGuard, UnixListenerGuard};
+use custodian::net::{SUN_PATH_MAX, TcpStreamGuard, TcpStreamGuardBuilder, UnixListenerGuard};
 
 fn inode(path: &Path) -> u64 {
     std::fs::symlink_metadata(path).unwrap().ino()
@@ -296,7 +296,7 @@ fn serve_with_unread_data(close: impl FnOnce(TcpStream) -> io::Result<()> + Send
 
 #[test]
 fn peer_receives_every_byte_even_with_unread_data_in_flight() {
-    let how = GracefulClose::new().deadline(Duration::from_secs(30));
+    let how = TcpStreamGuardBuilder::new().deadline(Duration::from_secs(30));
     assert_eq!(serve_with_unread_data(|s| how.close(s)), RESPONSE);
     assert_eq!(serve_with_unread_data(Close::close), RESPONSE);
     assert_eq!(serve_with_unread_data(|s| how.guard(s).close()), RESPONSE);
@@ -332,7 +332,7 @@ fn peer_that_never_closes_times_out_with_an_error_naming_it() {
     let (server, _) = listener.accept().unwrap();
     let peer = server.peer_addr().unwrap();
     let start = Instant::now();
-    let err = GracefulClose::new()
+    let err = TcpStreamGuardBuilder::new()
         .deadline(Duration::from_millis(200))
         .close(server)
         .unwrap_err();
@@ -348,7 +348,7 @@ fn guard_dropped_past_its_deadline_reports_an_error_event() {
     let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (server, _) = listener.accept().unwrap();
     let peer = server.peer_addr().unwrap().to_string();
-    let guard = GracefulClose::new()
+    let guard = TcpStreamGuardBuilder::new()
         .deadline(Duration::from_millis(100))
         .guard(server);
     let line = line!() - 1;
@@ -454,7 +454,7 @@ mod tokio_twins {
             let addr = listener.local_addr().unwrap();
             let client = tokio::spawn(unread_request_then_read_all(addr));
             let (server, _) = listener.accept().await.unwrap();
-            let mut server = GracefulClose::new()
+            let mut server = TcpStreamGuardBuilder::new()
                 .deadline(Duration::from_secs(30))
                 .guard_async(server);
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -473,7 +473,7 @@ mod tokio_twins {
                 .await
                 .unwrap();
             let (server, peer) = listener.accept().await.unwrap();
-            let err = GracefulClose::new()
+            let err = TcpStreamGuardBuilder::new()
                 .deadline(Duration::from_millis(100))
                 .close_async(server)
                 .await

@@ -11,7 +11,7 @@ use std::process::{Child, ChildStdout, Stdio};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use custodian::pg::{LockKey, LostCause, PgLock, PgLockHeld, PgLockOptions};
+use custodian::pg::{LockKey, LostCause, PgLock, PgLockBuilder, PgLockHeld};
 
 /// The restart test takes this exclusively; every other test shares it, so that no test
 /// sees the server go away under it.
@@ -34,10 +34,10 @@ fn server() -> Option<String> {
 }
 
 /// Options for the test server with a recognisable application name.
-fn options(conn: &str, app: &str) -> PgLockOptions {
+fn options(conn: &str, app: &str) -> PgLockBuilder {
     let mut config: tokio_postgres::Config = conn.parse().unwrap();
     config.application_name(app);
-    PgLockOptions::new(config)
+    PgLockBuilder::new(config)
 }
 
 /// A plain connection, for what the tests do behind the guard's back.
@@ -289,7 +289,7 @@ fn shared_locks_admit_two_holders_and_exclude_an_exclusive_one() {
     let _server = SERVER.read();
     common::current_thread().block_on(async {
         let mut shared = options(&conn, "reader");
-        shared.shared(true);
+        shared = shared.shared(true);
         let a = shared.try_acquire((7, 9_003)).await.unwrap().unwrap();
         let b = shared.try_acquire((7, 9_003)).await.unwrap().unwrap();
         assert!(a.fence().unwrap() < b.fence().unwrap());
@@ -492,7 +492,7 @@ fn unlocked_behind_the_guards_back_fires_lost_and_close_reports_it() {
     let _server = SERVER.read();
     common::current_thread().block_on(async {
         let mut opts = options(&conn, "unlocked");
-        opts.check_interval(Duration::from_millis(100));
+        opts = opts.check_interval(Duration::from_millis(100));
         let lock = opts.acquire(9_006).await.unwrap();
         lock.client()
             .execute("SELECT pg_advisory_unlock_all()", &[])
@@ -520,7 +520,7 @@ fn a_lost_lock_counts_one_failure_in_the_ledger_with_its_error_event() {
     let ((), events) = common::capture(|| {
         common::current_thread().block_on(async {
             let mut opts = options(&conn, "counted");
-            opts.check_interval(Duration::from_millis(50));
+            opts = opts.check_interval(Duration::from_millis(50));
             // Lost through the liveness check (unlocked behind the guard's back) ...
             let unlocked = opts.acquire(9_012).await.unwrap();
             unlocked
@@ -640,8 +640,8 @@ fn an_unlock_with_no_answer_closes_the_connection_after_the_unlock_timeout() {
     let _server = SERVER.read();
     common::current_thread().block_on(async {
         let client = raw(&conn).await;
-        let mut opts = options(&conn, "stalled");
-        opts.unlock_timeout(Duration::from_millis(300))
+        let opts = options(&conn, "stalled")
+            .unlock_timeout(Duration::from_millis(300))
             .check_interval(Duration::from_millis(100));
         let lock = opts.acquire(9_014).await.unwrap();
         let pid = lock.backend_pid().to_string();
@@ -734,7 +734,7 @@ fn ledger_counts_a_held_lock_with_its_site() {
 #[test]
 fn bad_connection_strings_and_unreachable_servers_give_clear_errors_not_hangs() {
     // Needs no server: runs everywhere.
-    let err = PgLockOptions::parse("host=127.0.0.1 port=notaport").unwrap_err();
+    let err = PgLockBuilder::parse("host=127.0.0.1 port=notaport").unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     assert!(
         err.to_string()
@@ -748,7 +748,7 @@ fn bad_connection_strings_and_unreachable_servers_give_clear_errors_not_hangs() 
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let opts = PgLockOptions::parse(&format!("host=127.0.0.1 port={port} user=x")).unwrap();
+        let opts = PgLockBuilder::parse(&format!("host=127.0.0.1 port={port} user=x")).unwrap();
         let err = opts.acquire(1).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
         assert!(
@@ -759,8 +759,8 @@ fn bad_connection_strings_and_unreachable_servers_give_clear_errors_not_hangs() 
         // Something accepts and never answers: the connect timeout, not a hang.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = silent.local_addr().unwrap().port();
-        let mut opts = PgLockOptions::parse(&format!("host=127.0.0.1 port={port} user=x")).unwrap();
-        opts.connect_timeout(Duration::from_millis(300));
+        let mut opts = PgLockBuilder::parse(&format!("host=127.0.0.1 port={port} user=x")).unwrap();
+        opts = opts.connect_timeout(Duration::from_millis(300));
         let start = Instant::now();
         let err = opts.try_acquire(1).await.expect_err("an I/O error");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");

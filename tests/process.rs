@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use custodian::process::{ChildGuard, ChildOptions, Signal};
+use custodian::process::{ChildGuard, ChildGuardBuilder, Signal};
 
 /// The zombie checks look at every child of this process, so the tests that spawn
 /// children run one at a time.
@@ -73,7 +73,7 @@ fn sh(script: &str) -> Command {
 
 /// Spawns `script` (which prints a line once ready, e.g. after setting a trap) and
 /// waits for that line.
-fn spawn_ready(options: ChildOptions, script: &str) -> ChildGuard {
+fn spawn_ready(options: ChildGuardBuilder, script: &str) -> ChildGuard {
     let mut cmd = sh(script);
     cmd.stdout(Stdio::piped());
     let mut child = options.spawn(cmd).unwrap();
@@ -92,7 +92,7 @@ fn first_line(child: &mut ChildGuard) -> String {
 
 /// Spawns a shell in its own group whose background grandchild ignores SIGTERM, and
 /// returns the guard and the grandchild's pid.
-fn with_grandchild(options: ChildOptions) -> (ChildGuard, u32) {
+fn with_grandchild(options: ChildGuardBuilder) -> (ChildGuard, u32) {
     // The grandchild prints its pid once its trap is set.
     let mut cmd = sh("sh -c 'trap \"\" TERM; echo $$; exec sleep 30' & wait");
     cmd.stdout(Stdio::piped());
@@ -107,7 +107,7 @@ fn child_ignoring_sigterm_is_killed_after_the_grace_period() {
     let _serial = serial();
     let grace = Duration::from_millis(300);
     let child = spawn_ready(
-        ChildOptions::new().grace(grace),
+        ChildGuardBuilder::new().grace(grace),
         "trap '' TERM; echo ready; exec sleep 30",
     );
     let pid = child.id();
@@ -122,7 +122,7 @@ fn child_ignoring_sigterm_is_killed_after_the_grace_period() {
 fn child_that_stops_on_sigterm_is_not_killed() {
     let _serial = serial();
     let cmd = sleep_30();
-    let child = ChildOptions::new()
+    let child = ChildGuardBuilder::new()
         .grace(Duration::from_secs(30))
         .spawn(cmd)
         .unwrap();
@@ -139,7 +139,7 @@ fn child_that_stops_on_sigterm_is_not_killed() {
 fn configured_signal_is_the_one_sent() {
     let _serial = serial();
     let child = spawn_ready(
-        ChildOptions::new().signal(Signal::INT),
+        ChildGuardBuilder::new().signal(Signal::INT),
         "trap 'exit 7' INT; echo ready; while :; do sleep 0.05; done",
     );
     let status = child.close().unwrap();
@@ -149,7 +149,7 @@ fn configured_signal_is_the_one_sent() {
 #[test]
 fn child_that_already_exited_is_just_reaped_with_its_status() {
     let _serial = serial();
-    let mut child = ChildOptions::new()
+    let mut child = ChildGuardBuilder::new()
         .grace(Duration::from_secs(30))
         .spawn(sh("exit 3"))
         .unwrap();
@@ -185,7 +185,7 @@ fn wait_timeout_and_try_wait_do_not_reap() {
 #[test]
 fn grandchild_in_the_group_is_gone_too() {
     let _serial = serial();
-    let options = ChildOptions::new()
+    let options = ChildGuardBuilder::new()
         .process_group(true)
         .grace(Duration::from_secs(5));
     let (child, grandchild) = with_grandchild(options);
@@ -206,7 +206,8 @@ fn grandchild_in_the_group_is_gone_too() {
 fn without_a_group_the_grandchild_survives() {
     // The control for the test above: only the group option reaches grandchildren.
     let _serial = serial();
-    let (child, grandchild) = with_grandchild(ChildOptions::new().grace(Duration::from_secs(5)));
+    let (child, grandchild) =
+        with_grandchild(ChildGuardBuilder::new().grace(Duration::from_secs(5)));
     child.close().unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert!(running(grandchild));
@@ -229,7 +230,7 @@ fn two_hundred_spawn_drop_cycles_leave_no_zombie() {
         } else {
             sleep_30()
         };
-        let options = ChildOptions::new().process_group(i % 4 == 1);
+        let options = ChildGuardBuilder::new().process_group(i % 4 == 1);
         let child = options.spawn(cmd).unwrap();
         pids.push(child.id());
         drop(child);
@@ -296,7 +297,7 @@ fn a_child_reaped_elsewhere_is_never_signalled() {
     let mut raw = Command::new("true").spawn().unwrap();
     raw.wait().unwrap();
     let pid = raw.id();
-    let guard = ChildOptions::new().guard(raw);
+    let guard = ChildGuardBuilder::new().guard(raw);
     let err = guard.close().unwrap_err();
     assert_eq!(err.error().kind(), std::io::ErrorKind::NotFound);
     assert!(err.to_string().contains(&pid.to_string()), "{err}");
@@ -354,7 +355,7 @@ fn thousand_spawn_drop_cycles_leave_no_zombie() {
     for i in 0..1000 {
         let cmd = sleep_30();
         drop(
-            ChildOptions::new()
+            ChildGuardBuilder::new()
                 .process_group(i % 2 == 0)
                 .spawn(cmd)
                 .unwrap(),
@@ -396,7 +397,7 @@ mod tokio_guard {
         common::multi_thread().block_on(async {
             let mut cmd = tokio_sh("sh -c 'trap \"\" TERM; echo $$; exec sleep 30' & wait");
             cmd.stdout(Stdio::piped());
-            let mut child = ChildOptions::new()
+            let mut child = ChildGuardBuilder::new()
                 .process_group(true)
                 .spawn_async(cmd)
                 .unwrap();
@@ -421,7 +422,10 @@ mod tokio_guard {
     async fn spawn_ignoring_term(grace: Duration) -> AsyncChildGuard {
         let mut cmd = tokio_sh("trap '' TERM; echo ready; exec sleep 30");
         cmd.stdout(Stdio::piped());
-        let mut child = ChildOptions::new().grace(grace).spawn_async(cmd).unwrap();
+        let mut child = ChildGuardBuilder::new()
+            .grace(grace)
+            .spawn_async(cmd)
+            .unwrap();
         let mut ready = String::new();
         tokio::io::BufReader::new(child.stdout().take().unwrap())
             .read_line(&mut ready)
@@ -509,7 +513,7 @@ fn guards_go_into_a_cleanup_stack_and_their_errors_come_back() {
     // A child reaped by other code: its close fails, and the error is collected.
     let mut raw = Command::new("true").spawn().unwrap();
     raw.wait().unwrap();
-    stack.push(ChildOptions::new().guard(raw));
+    stack.push(ChildGuardBuilder::new().guard(raw));
     let errors = stack.close().unwrap_err();
     assert_eq!(errors.len(), 1, "{errors}");
     assert!(

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use custodian::fs::LockFile;
 use custodian::ledger::Kind;
-use custodian::net::{AsyncUnixListenerGuard, GracefulClose};
-use custodian::process::{AsyncChildGuard, ChildOptions};
+use custodian::net::{AsyncUnixListenerGuard, TcpStreamGuardBuilder};
+use custodian::process::{AsyncChildGuard, ChildGuardBuilder};
 use custodian::rt::{AsyncGuard, DrainReport, Reaper};
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
@@ -117,7 +117,7 @@ pub async fn start(config: &Config) -> io::Result<Running> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null()); // nothing of ours kept open by an orphan after a SIGKILL
-    let mut watchdog = ChildOptions::new()
+    let mut watchdog = ChildGuardBuilder::new()
         .process_group(true)
         .grace(Duration::from_secs(1))
         .spawn_async(cmd)?;
@@ -256,7 +256,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 /// graceful close, run by the guard.
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let goodbye = GracefulClose::new().deadline(shared.drain_deadline);
+    let goodbye = TcpStreamGuardBuilder::new().deadline(shared.drain_deadline);
     let mut conn = AsyncGuard::builder()
         .kind(&CONNECTION)
         .reaper(&shared.reaper)

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use custodian::net::{GracefulClose, UnixListenerGuard};
-use custodian::process::ChildOptions;
+use custodian::net::{TcpStreamGuardBuilder, UnixListenerGuard};
+use custodian::process::ChildGuardBuilder;
 use custodian::sync::HoldWatch;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -99,7 +99,7 @@ fn process_tree() -> Result<()> {
         "sleep 60 & echo $!; (trap '' TERM; exec sleep 60) & echo $!; wait",
     ])
     .stdout(Stdio::piped());
-    let mut child = ChildOptions::new()
+    let mut child = ChildGuardBuilder::new()
         .process_group(true)
         .grace(Duration::from_millis(500))
         .spawn(cmd)?;
@@ -156,7 +156,7 @@ fn tcp_close() -> Result<()> {
     let (mut server, _) = listener.accept()?;
     std::thread::sleep(Duration::from_millis(50));
     server.write_all(&vec![b'r'; 4 << 20])?;
-    GracefulClose::new().close(server)?;
+    TcpStreamGuardBuilder::new().close(server)?;
     let got = client.join().map_err(|_| "client panicked")??;
     println!(
         "TCP: the client got {got} of {} bytes after a graceful close",
@@ -191,7 +191,7 @@ pub(crate) async fn run_async() -> Result<()> {
     let mut cmd = tokio::process::Command::new("sh");
     cmd.args(["-c", "trap '' TERM; echo ready; exec sleep 60"]);
     cmd.stdout(Stdio::piped());
-    let mut child = ChildOptions::new()
+    let mut child = ChildGuardBuilder::new()
         .grace(Duration::from_millis(200))
         .spawn_async(cmd)?;
     let pid = child.id();

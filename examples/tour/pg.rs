@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use custodian::pg::PgLockOptions;
+use custodian::pg::PgLockBuilder;
 
 pub(crate) fn run() -> Result<(), Box<dyn std::error::Error>> {
     let Ok(conn) = std::env::var("CUSTODIAN_TEST_PG") else {
@@ -25,10 +25,10 @@ pub(crate) fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn replicas(conn: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let replica = |name: &str| -> Result<PgLockOptions, Box<dyn std::error::Error>> {
+    let replica = |name: &str| -> Result<PgLockBuilder, Box<dyn std::error::Error>> {
         let mut config: tokio_postgres::Config = conn.parse()?;
         config.application_name(name);
-        Ok(PgLockOptions::new(config))
+        Ok(PgLockBuilder::new(config))
     };
     let (a, b) = (replica("replica-a")?, replica("replica-b")?);
 

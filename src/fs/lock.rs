@@ -22,10 +22,10 @@ const MAX_BACKOFF: Duration = Duration::from_millis(50);
 /// A lock file: an `flock` on a file at a path, for "only one process does this" (a
 /// daemon's pid file, a cache directory, a migration).
 ///
-/// Exclusive by default, shared with [`LockOptions::shared`]. An exclusive holder writes
+/// Exclusive by default, shared with [`LockFileBuilder::shared`]. An exclusive holder writes
 /// its pid into the file, so that a process that finds the lock taken can say who holds
 /// it ([`LockHeld`]). Released by [`close`](LockFile::close) or `Drop`: the file is
-/// removed (or, with [`LockOptions::remove_on_release`]`(false)`, emptied) **while the
+/// removed (or, with [`LockFileBuilder::remove_on_release`]`(false)`, emptied) **while the
 /// lock is still held and only if the path still names the file we locked**, then
 /// unlocked.
 ///
@@ -117,7 +117,7 @@ pub struct LockFile {
 ///
 /// let dir = tempfile::tempdir()?;
 /// let path = dir.path().join("cache.lock");
-/// let readers = LockFile::options().shared(true).clone();
+/// let readers = LockFile::builder().shared(true);
 /// let a = readers.acquire(&path)?;
 /// let b = readers.acquire(&path)?; // shared locks coexist
 /// assert!(LockFile::try_acquire(&path)?.is_err()); // but exclude a writer
@@ -126,14 +126,15 @@ pub struct LockFile {
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Clone, Debug)]
-pub struct LockOptions {
+#[must_use = "a builder does nothing until an acquire"]
+pub struct LockFileBuilder {
     shared: bool,
     remove: bool,
 }
 
-impl Default for LockOptions {
+impl Default for LockFileBuilder {
     fn default() -> Self {
-        LockOptions {
+        LockFileBuilder {
             shared: false,
             remove: true,
         }
@@ -147,12 +148,12 @@ enum Wait {
     Until(Instant),
 }
 
-impl LockOptions {
+impl LockFileBuilder {
     /// Exclusive, file removed on release.
     ///
     /// ```
     /// let dir = tempfile::tempdir()?;
-    /// let lock = custodian::fs::LockOptions::new().acquire(dir.path().join("job.lock"))?;
+    /// let lock = custodian::fs::LockFileBuilder::new().acquire(dir.path().join("job.lock"))?;
     /// assert!(!lock.is_shared());
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -166,11 +167,11 @@ impl LockOptions {
     /// ```
     /// let dir = tempfile::tempdir()?;
     /// let path = dir.path().join("cache.lock");
-    /// let reader = custodian::fs::LockFile::options().shared(true).acquire(&path)?;
+    /// let reader = custodian::fs::LockFile::builder().shared(true).acquire(&path)?;
     /// assert!(reader.is_shared());
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn shared(&mut self, shared: bool) -> &mut Self {
+    pub fn shared(mut self, shared: bool) -> Self {
         self.shared = shared;
         self
     }
@@ -182,12 +183,12 @@ impl LockOptions {
     /// ```
     /// let dir = tempfile::tempdir()?;
     /// let path = dir.path().join("daemon.pid");
-    /// let lock = custodian::fs::LockFile::options().remove_on_release(false).acquire(&path)?;
+    /// let lock = custodian::fs::LockFile::builder().remove_on_release(false).acquire(&path)?;
     /// lock.close()?;
     /// assert_eq!(std::fs::read(&path)?, b""); // kept, emptied
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn remove_on_release(&mut self, remove: bool) -> &mut Self {
+    pub fn remove_on_release(mut self, remove: bool) -> Self {
         self.remove = remove;
         self
     }
@@ -197,7 +198,7 @@ impl LockOptions {
     /// ```
     /// let dir = tempfile::tempdir()?;
     /// let path = dir.path().join("job.lock");
-    /// let lock = custodian::fs::LockFile::options().acquire(&path)?;
+    /// let lock = custodian::fs::LockFile::builder().acquire(&path)?;
     /// assert_eq!(custodian::fs::LockFile::owner_pid(&path)?, Some(std::process::id()));
     /// lock.close()?;
     /// # Ok::<(), std::io::Error>(())
@@ -220,7 +221,7 @@ impl LockOptions {
     /// ```
     /// let dir = tempfile::tempdir()?;
     /// let path = dir.path().join("job.lock");
-    /// let options = custodian::fs::LockFile::options();
+    /// let options = custodian::fs::LockFile::builder();
     /// let held = options.try_acquire(&path)?.expect("free");
     /// match options.try_acquire(&path)? {
     ///     Ok(_) => unreachable!("held above"),
@@ -253,8 +254,8 @@ impl LockOptions {
     ///
     /// let dir = tempfile::tempdir()?;
     /// let path = dir.path().join("job.lock");
-    /// let first = LockFile::options().acquire_async(&path).await?;
-    /// let second = tokio::spawn(LockFile::options().acquire_async(path.clone()));
+    /// let first = LockFile::builder().acquire_async(&path).await?;
+    /// let second = tokio::spawn(LockFile::builder().acquire_async(path.clone()));
     /// first.close()?; // the waiter gets it within its backoff
     /// second.await.unwrap()?.close()?;
     /// # Ok::<(), std::io::Error>(())
@@ -298,7 +299,7 @@ impl LockOptions {
     ///
     /// let dir = tempfile::tempdir()?;
     /// let path = dir.path().join("job.lock");
-    /// let options = LockFile::options();
+    /// let options = LockFile::builder();
     /// let _held = options.acquire(&path)?;
     /// let err = options.acquire_timeout(&path, Duration::from_millis(20)).unwrap_err();
     /// assert_eq!(LockHeld::of(&err).unwrap().pid(), Some(std::process::id()));
@@ -400,11 +401,11 @@ impl LockFile {
     /// ```
     ///
     /// # Errors
-    /// As [`LockOptions::acquire`].
+    /// As [`LockFileBuilder::acquire`].
     #[track_caller]
     #[must_use = "dropping a LockFile releases the lock at once"]
     pub fn acquire(path: impl AsRef<Path>) -> io::Result<LockFile> {
-        let lock = LockOptions::new().lock(path.as_ref(), Wait::Block, Location::caller())?;
+        let lock = LockFileBuilder::new().lock(path.as_ref(), Wait::Block, Location::caller())?;
         Ok(lock.expect("a blocking acquire never gives up"))
     }
 
@@ -425,16 +426,16 @@ impl LockFile {
     /// ```
     ///
     /// # Errors
-    /// As [`LockOptions::acquire`]; a lock held by someone else is not an error of the
+    /// As [`LockFileBuilder::acquire`]; a lock held by someone else is not an error of the
     /// outer `Result`.
     #[track_caller]
     #[must_use = "dropping a LockFile releases the lock at once"]
     pub fn try_acquire(path: impl AsRef<Path>) -> io::Result<Result<LockFile, LockHeld>> {
-        LockOptions::new().try_acquire(path)
+        LockFileBuilder::new().try_acquire(path)
     }
 
     /// Takes the exclusive lock without blocking a runtime thread; see
-    /// [`LockOptions::acquire_async`].
+    /// [`LockFileBuilder::acquire_async`].
     ///
     /// ```
     /// # tokio::runtime::Runtime::new()?.block_on(async {
@@ -447,7 +448,7 @@ impl LockFile {
     /// ```
     ///
     /// # Errors
-    /// As [`LockOptions::acquire`].
+    /// As [`LockFileBuilder::acquire`].
     ///
     /// # Cancel safety
     /// Cancel-safe: a cancelled wait holds nothing.
@@ -457,7 +458,7 @@ impl LockFile {
     pub fn acquire_async<P: AsRef<Path>>(
         path: P,
     ) -> impl Future<Output = io::Result<LockFile>> + Send + use<P> {
-        LockOptions::new().acquire_async(path)
+        LockFileBuilder::new().acquire_async(path)
     }
 
     /// Takes the exclusive lock, waiting at most `timeout`.
@@ -477,26 +478,26 @@ impl LockFile {
     /// ```
     ///
     /// # Errors
-    /// As [`LockOptions::acquire_timeout`]: a [`LockHeld`] (kind `WouldBlock`) naming the
+    /// As [`LockFileBuilder::acquire_timeout`]: a [`LockHeld`] (kind `WouldBlock`) naming the
     /// holder's pid when the time is up.
     #[track_caller]
     #[must_use = "dropping a LockFile releases the lock at once"]
     pub fn acquire_timeout(path: impl AsRef<Path>, timeout: Duration) -> io::Result<LockFile> {
-        LockOptions::new().acquire_timeout(path, timeout)
+        LockFileBuilder::new().acquire_timeout(path, timeout)
     }
 
-    /// Options: shared, keep the file on release.
+    /// A builder: shared, keep the file on release.
     ///
     /// ```
     /// let dir = tempfile::tempdir()?;
     /// let path = dir.path().join("pid");
-    /// let lock = custodian::fs::LockFile::options().remove_on_release(false).acquire(&path)?;
+    /// let lock = custodian::fs::LockFile::builder().remove_on_release(false).acquire(&path)?;
     /// lock.close()?;
     /// assert_eq!(std::fs::read(&path)?, b""); // kept, emptied
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn options() -> LockOptions {
-        LockOptions::new()
+    pub fn builder() -> LockFileBuilder {
+        LockFileBuilder::new()
     }
 
     /// The pid recorded in the lock file at `path` by its exclusive holder, if any. The

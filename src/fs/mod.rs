@@ -51,7 +51,7 @@ mod temp;
 
 pub use atomic::{AtomicFile, AtomicFileBuilder, CommitError};
 pub use checked::CheckedFile;
-pub use lock::{LockFile, LockHeld, LockOptions};
+pub use lock::{LockFile, LockFileBuilder, LockHeld};
 pub use temp::{TempDir, TempFile};
 
 use std::io;

@@ -5,12 +5,12 @@
 //! - [`UnixListenerGuard`] binds a Unix socket path, replacing a stale socket file
 //!   only when nobody listens on it, and unlinks the path when dropped, only if it
 //!   still names its own socket.
-//! - [`GracefulClose`] and [`TcpStreamGuard`] close a TCP connection gracefully: shut
+//! - [`TcpStreamGuardBuilder`] and [`TcpStreamGuard`] close a TCP connection gracefully: shut
 //!   down the write side, drain what the peer still sends until it closes or a deadline
 //!   passes, then close. `TcpStream` also implements [`Close`](crate::Close) this way.
 //! - With feature `tokio`: [`AsyncUnixListenerGuard`],
 //!   [`AsyncClose`](crate::rt::AsyncClose) for `tokio::net::TcpStream`, and
-//!   [`GracefulClose::guard_async`], whose dropped guard hands the graceful close to the
+//!   [`TcpStreamGuardBuilder::guard_async`], whose dropped guard hands the graceful close to the
 //!   [`Reaper`](crate::rt::Reaper).
 //!
 //! ```
@@ -32,7 +32,7 @@ mod tcp;
 mod tokio;
 mod unix;
 
-pub use tcp::{GracefulClose, TcpStreamGuard};
+pub use tcp::{TcpStreamGuard, TcpStreamGuardBuilder};
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use tokio::AsyncUnixListenerGuard;

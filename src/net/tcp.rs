@@ -25,7 +25,7 @@ static KIND: Kind = Kind::new("custodian::net::TcpStreamGuard");
 /// 3. close.
 ///
 /// ```
-/// use custodian::net::GracefulClose;
+/// use custodian::net::TcpStreamGuardBuilder;
 /// use std::io::{Read, Write};
 /// use std::net::{TcpListener, TcpStream};
 /// use std::time::Duration;
@@ -36,7 +36,7 @@ static KIND: Kind = Kind::new("custodian::net::TcpStreamGuard");
 /// client.write_all(b"request the server never reads")?;
 /// server.write_all(b"last response")?;
 /// let closing = std::thread::spawn(move || {
-///     GracefulClose::new().deadline(Duration::from_secs(5)).close(server)
+///     TcpStreamGuardBuilder::new().deadline(Duration::from_secs(5)).close(server)
 /// });
 /// let mut got = Vec::new();
 /// client.read_to_end(&mut got)?; // every byte, then EOF: no reset
@@ -46,28 +46,29 @@ static KIND: Kind = Kind::new("custodian::net::TcpStreamGuard");
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GracefulClose {
+#[must_use = "a builder does nothing until `close`, `guard` or their async twins"]
+pub struct TcpStreamGuardBuilder {
     deadline: Duration,
 }
 
-impl Default for GracefulClose {
+impl Default for TcpStreamGuardBuilder {
     fn default() -> Self {
-        GracefulClose::new()
+        TcpStreamGuardBuilder::new()
     }
 }
 
-impl GracefulClose {
+impl TcpStreamGuardBuilder {
     /// How long the peer gets to close its side by default: 3 seconds.
     pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(3);
 
     /// The default graceful close (deadline [`DEFAULT_DEADLINE`](Self::DEFAULT_DEADLINE)).
     ///
     /// ```
-    /// let how = custodian::net::GracefulClose::new();
-    /// assert_eq!(how.get_deadline(), custodian::net::GracefulClose::DEFAULT_DEADLINE);
+    /// let how = custodian::net::TcpStreamGuardBuilder::new();
+    /// assert_eq!(how.get_deadline(), custodian::net::TcpStreamGuardBuilder::DEFAULT_DEADLINE);
     /// ```
-    pub const fn new() -> GracefulClose {
-        GracefulClose {
+    pub const fn new() -> TcpStreamGuardBuilder {
+        TcpStreamGuardBuilder {
             deadline: Self::DEFAULT_DEADLINE,
         }
     }
@@ -77,11 +78,11 @@ impl GracefulClose {
     ///
     /// ```
     /// use std::time::Duration;
-    /// let how = custodian::net::GracefulClose::new().deadline(Duration::from_millis(500));
+    /// let how = custodian::net::TcpStreamGuardBuilder::new().deadline(Duration::from_millis(500));
     /// assert_eq!(how.get_deadline(), Duration::from_millis(500));
     /// ```
     #[must_use = "the builder is returned, not changed in place"]
-    pub const fn deadline(mut self, deadline: Duration) -> GracefulClose {
+    pub const fn deadline(mut self, deadline: Duration) -> TcpStreamGuardBuilder {
         self.deadline = deadline;
         self
     }
@@ -89,7 +90,7 @@ impl GracefulClose {
     /// The deadline set with [`deadline`](Self::deadline).
     ///
     /// ```
-    /// let how = custodian::net::GracefulClose::default();
+    /// let how = custodian::net::TcpStreamGuardBuilder::default();
     /// assert!(how.get_deadline() > std::time::Duration::ZERO);
     /// ```
     pub const fn get_deadline(&self) -> Duration {
@@ -118,7 +119,7 @@ impl GracefulClose {
     /// let client = TcpStream::connect(listener.local_addr()?)?;
     /// let (server, _) = listener.accept()?;
     /// drop(client); // the peer is gone: EOF at once
-    /// custodian::net::GracefulClose::new().close(server)?;
+    /// custodian::net::TcpStreamGuardBuilder::new().close(server)?;
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn close(&self, stream: TcpStream) -> io::Result<()> {
@@ -134,7 +135,7 @@ impl GracefulClose {
     ///
     /// let listener = TcpListener::bind("127.0.0.1:0")?;
     /// let client = TcpStream::connect(listener.local_addr()?)?;
-    /// let how = custodian::net::GracefulClose::new().deadline(Duration::from_secs(1));
+    /// let how = custodian::net::TcpStreamGuardBuilder::new().deadline(Duration::from_secs(1));
     /// let guard = how.guard(client);
     /// drop(listener); // the peer goes away
     /// let _ = guard.close();
@@ -209,7 +210,7 @@ fn close_std(stream: &TcpStream, deadline: Duration, peer: Option<SocketAddr>) -
 }
 
 /// Closing a `TcpStream` is a graceful close with the default deadline
-/// ([`GracefulClose::new`]): shutdown of the write side, drain until the peer closes,
+/// ([`TcpStreamGuardBuilder::new`]): shutdown of the write side, drain until the peer closes,
 /// close.
 ///
 /// ```
@@ -227,11 +228,11 @@ impl Close for TcpStream {
     type Error = io::Error;
 
     fn close(self) -> io::Result<()> {
-        GracefulClose::new().close(self)
+        TcpStreamGuardBuilder::new().close(self)
     }
 }
 
-/// A `TcpStream` closed gracefully ([`GracefulClose`]) when closed or dropped; `Drop`
+/// A `TcpStream` closed gracefully ([`TcpStreamGuardBuilder`]) when closed or dropped; `Drop`
 /// blocks for at most the deadline.
 ///
 /// The stream is reached through `Deref`/`DerefMut`, so `Read` and `Write` work on the
@@ -259,12 +260,30 @@ pub struct TcpStreamGuard {
     /// `None` once closed or given away by `into_inner`.
     stream: Option<TcpStream>,
     peer: Option<SocketAddr>,
-    how: GracefulClose,
+    how: TcpStreamGuardBuilder,
     ticket: Ticket,
 }
 
 impl TcpStreamGuard {
-    /// Guards `stream` with the default graceful close; see [`GracefulClose::guard`] to
+    /// A builder for the graceful close: its deadline, then `guard`, `close` or their
+    /// async twins.
+    ///
+    /// ```
+    /// use std::net::{TcpListener, TcpStream};
+    /// use std::time::Duration;
+    ///
+    /// let listener = TcpListener::bind("127.0.0.1:0")?;
+    /// let how = custodian::net::TcpStreamGuard::builder().deadline(Duration::from_secs(1));
+    /// let guard = how.guard(TcpStream::connect(listener.local_addr()?)?);
+    /// drop(listener.accept()?);
+    /// guard.close()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub const fn builder() -> TcpStreamGuardBuilder {
+        TcpStreamGuardBuilder::new()
+    }
+
+    /// Guards `stream` with the default graceful close; see [`TcpStreamGuardBuilder::guard`] to
     /// set the deadline.
     ///
     /// ```
@@ -279,13 +298,13 @@ impl TcpStreamGuard {
     #[track_caller]
     #[must_use = "dropping the guard closes the connection at once"]
     pub fn new(stream: TcpStream) -> TcpStreamGuard {
-        GracefulClose::new().guard(stream)
+        TcpStreamGuardBuilder::new().guard(stream)
     }
 
     /// Closes the connection gracefully now.
     ///
     /// # Errors
-    /// As [`GracefulClose::close`].
+    /// As [`TcpStreamGuardBuilder::close`].
     ///
     /// ```
     /// use std::net::{TcpListener, TcpStream};

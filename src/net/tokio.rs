@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener};
 
-use super::tcp::{GracefulClose, Peer, deadline_error};
+use super::tcp::{Peer, TcpStreamGuardBuilder, deadline_error};
 use super::unix::{Bound, bind};
 use crate::Close;
 use crate::io_error::with_context;
@@ -179,12 +179,12 @@ impl fmt::Debug for AsyncUnixListenerGuard {
     }
 }
 
-impl GracefulClose {
+impl TcpStreamGuardBuilder {
     /// Closes a tokio `TcpStream` gracefully: `shutdown()` of the write side, drain
     /// until the peer closes or the deadline passes, close.
     ///
     /// # Errors
-    /// As [`GracefulClose::close`]: `TimedOut` at the deadline, or the error that broke
+    /// As [`TcpStreamGuardBuilder::close`]: `TimedOut` at the deadline, or the error that broke
     /// the connection, naming the peer.
     ///
     /// # Panics
@@ -196,7 +196,7 @@ impl GracefulClose {
     /// cancelled.
     ///
     /// ```
-    /// use custodian::net::GracefulClose;
+    /// use custodian::net::TcpStreamGuardBuilder;
     /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
     ///
     /// # tokio::runtime::Runtime::new()?.block_on(async {
@@ -205,7 +205,7 @@ impl GracefulClose {
     /// let (mut server, _) = listener.accept().await?;
     /// client.write_all(b"unread request").await?;
     /// server.write_all(b"last response").await?;
-    /// let closing = tokio::spawn(async move { GracefulClose::new().close_async(server).await });
+    /// let closing = tokio::spawn(async move { TcpStreamGuardBuilder::new().close_async(server).await });
     /// let mut got = Vec::new();
     /// client.read_to_end(&mut got).await?;
     /// assert_eq!(got, b"last response");
@@ -245,7 +245,7 @@ impl GracefulClose {
 
 static TCP_KIND: Kind = Kind::new("custodian::net::AsyncTcpStreamGuard");
 
-impl GracefulClose {
+impl TcpStreamGuardBuilder {
     /// Guards a tokio `stream` with this graceful close as its async cleanup:
     /// [`AsyncGuard::close(guard).await`](AsyncGuard::close) runs it and returns its
     /// `io::Error`; dropped without `close` (an early
@@ -256,13 +256,13 @@ impl GracefulClose {
     /// When the graceful close runs outside a tokio runtime with the time driver.
     ///
     /// ```
-    /// use custodian::net::GracefulClose;
+    /// use custodian::net::TcpStreamGuardBuilder;
     /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
     ///
     /// # tokio::runtime::Runtime::new()?.block_on(async {
     /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     /// let mut client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
-    /// let mut server = GracefulClose::new().guard_async(listener.accept().await?.0);
+    /// let mut server = TcpStreamGuardBuilder::new().guard_async(listener.accept().await?.0);
     /// client.write_all(b"a request the server never reads").await?;
     /// server.write_all(b"bye").await?; // Deref to the stream
     /// drop(server); // the graceful close goes on in the reaper
@@ -288,7 +288,7 @@ impl GracefulClose {
 }
 
 /// Closing a tokio `TcpStream` is a graceful close with the default deadline
-/// ([`GracefulClose::close_async`]).
+/// ([`TcpStreamGuardBuilder::close_async`]).
 ///
 /// ```
 /// use custodian::rt::AsyncClose;
@@ -307,6 +307,6 @@ impl AsyncClose for TcpStream {
     type Error = io::Error;
 
     async fn close(self) -> io::Result<()> {
-        GracefulClose::new().close_async(self).await
+        TcpStreamGuardBuilder::new().close_async(self).await
     }
 }

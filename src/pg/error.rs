@@ -13,7 +13,7 @@ use super::session::PgSession;
 /// A session that holds an advisory lock, as `pg_locks` and `pg_stat_activity` show it.
 ///
 /// ```no_run
-/// # async fn f(options: custodian::pg::PgLockOptions) -> std::io::Result<()> {
+/// # async fn f(options: custodian::pg::PgLockBuilder) -> std::io::Result<()> {
 /// if let Err(held) = options.try_acquire(42).await? {
 ///     for h in held.holders() {
 ///         println!("held by backend {} ({:?}) from {:?}", h.pid(), h.application_name(), h.client_addr());
@@ -75,10 +75,10 @@ impl fmt::Display for Holder {
 /// that it can try again without reconnecting.
 ///
 /// ```no_run
-/// use custodian::pg::PgLockOptions;
+/// use custodian::pg::PgLockBuilder;
 ///
 /// # async fn f() -> std::io::Result<()> {
-/// let options = PgLockOptions::parse("host=127.0.0.1 user=app dbname=app")?;
+/// let options = PgLockBuilder::parse("host=127.0.0.1 user=app dbname=app")?;
 /// match options.try_acquire("nightly-report").await? {
 ///     Ok(lock) => lock.close().await?,
 ///     Err(held) => {
@@ -91,8 +91,8 @@ impl fmt::Display for Holder {
 /// # Ok(()) }
 /// ```
 ///
-/// [`try_acquire`]: super::PgLockOptions::try_acquire
-/// [`acquire_timeout`]: super::PgLockOptions::acquire_timeout
+/// [`try_acquire`]: super::PgLockBuilder::try_acquire
+/// [`acquire_timeout`]: super::PgLockBuilder::acquire_timeout
 #[derive(Debug)]
 pub struct PgLockHeld {
     pub(crate) what: String,
@@ -105,7 +105,7 @@ impl PgLockHeld {
     /// The `PgLockHeld` inside `err`, if that is what it is.
     ///
     /// ```no_run
-    /// # async fn f(options: custodian::pg::PgLockOptions) {
+    /// # async fn f(options: custodian::pg::PgLockBuilder) {
     /// let err = options.acquire_timeout(42, std::time::Duration::from_secs(1)).await.unwrap_err();
     /// if let Some(held) = custodian::pg::PgLockHeld::of(&err) {
     ///     println!("waited {:?}; held by {:?}", held.waited(), held.holders());

@@ -19,7 +19,7 @@ use crate::rt::AsyncGuard;
 /// A session-level PostgreSQL advisory lock, held on a dedicated connection the guard
 /// owns, that says when it was lost.
 ///
-/// Taken with [`PgLockOptions::acquire`](super::PgLockOptions::acquire) (or
+/// Taken with [`PgLockBuilder::acquire`](super::PgLockBuilder::acquire) (or
 /// `try_acquire`, `acquire_timeout`, or the same on a reused [`PgSession`]). While it is
 /// held:
 /// - [`lost`](PgLock::lost) completes when the lock can no longer be assumed held (see
@@ -36,11 +36,11 @@ use crate::rt::AsyncGuard;
 /// of the drop.
 ///
 /// ```no_run
-/// use custodian::pg::PgLockOptions;
+/// use custodian::pg::PgLockBuilder;
 ///
 /// # async fn run_migrations() {}
 /// # async fn f() -> std::io::Result<()> {
-/// let options = PgLockOptions::parse("host=db.internal user=app dbname=app")?;
+/// let options = PgLockBuilder::parse("host=db.internal user=app dbname=app")?;
 /// let lock = options.acquire("migrations").await?;
 /// tokio::select! {
 ///     _ = run_migrations() => lock.close().await?,
@@ -76,7 +76,7 @@ use crate::rt::AsyncGuard;
 /// `UPDATE ... WHERE last_fence <= $token`): a holder that lost the lock without
 /// knowing it (a long pause, a partition) is then refused instead of overwriting the
 /// new holder's work. Turn it off with
-/// [`PgLockOptions::fencing(None)`](super::PgLockOptions::fencing).
+/// [`PgLockBuilder::fencing(None)`](super::PgLockBuilder::fencing).
 ///
 /// # Caveats
 /// A session-level lock lives in one server session: behind a pooler in transaction
@@ -84,7 +84,7 @@ use crate::rt::AsyncGuard;
 /// server connections, and the lock is held by whichever one ran the lock statement.
 /// Connect directly, or through session pooling. Each held lock takes one connection.
 ///
-/// [`check_interval`]: super::PgLockOptions::check_interval
+/// [`check_interval`]: super::PgLockBuilder::check_interval
 #[must_use = "dropping a PgLock releases the lock at once"]
 pub struct PgLock {
     /// Empties the session's watch slot when the lock is dropped, before the reaper

@@ -27,11 +27,11 @@
 //! failures are tracing `error` events under target `custodian`.
 //!
 //! ```no_run
-//! use custodian::pg::PgLockOptions;
+//! use custodian::pg::PgLockBuilder;
 //!
 //! # async fn send_report(fence: i64) {}
 //! # async fn f() -> std::io::Result<()> {
-//! let options = PgLockOptions::parse("host=db.internal user=app dbname=app")?;
+//! let options = PgLockBuilder::parse("host=db.internal user=app dbname=app")?;
 //! // I/O errors (unreachable server, ...) in the outer `Result`, "held" in the inner one.
 //! match options.try_acquire("nightly-report").await? {
 //!     Ok(lock) => {
@@ -62,4 +62,4 @@ mod watch;
 pub use error::{Holder, LostCause, PgLockHeld};
 pub use key::LockKey;
 pub use lock::PgLock;
-pub use session::{PgLockOptions, PgSession};
+pub use session::{PgLockBuilder, PgSession};

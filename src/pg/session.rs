@@ -1,4 +1,4 @@
-//! `PgLockOptions` and `PgSession`: the dedicated connection a lock is taken on.
+//! `PgLockBuilder` and `PgSession`: the dedicated connection a lock is taken on.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -23,10 +23,10 @@ use crate::rt::Reaper;
 
 /// How to connect and lock: the server, shared or exclusive, the liveness check, fencing.
 ///
-/// Made from a `tokio_postgres::Config` ([`new`](PgLockOptions::new)) or a connection
-/// string ([`parse`](PgLockOptions::parse), libpq's `key=value` or URL form). Each
+/// Made from a `tokio_postgres::Config` ([`new`](PgLockBuilder::new)) or a connection
+/// string ([`parse`](PgLockBuilder::parse), libpq's `key=value` or URL form). Each
 /// acquisition through it opens a **dedicated** connection that the lock owns (never a
-/// pooled one); [`connect`](PgLockOptions::connect) opens one to reuse across
+/// pooled one); [`connect`](PgLockBuilder::connect) opens one to reuse across
 /// acquisitions.
 ///
 /// What it sets on the connection unless the config already says otherwise:
@@ -36,11 +36,11 @@ use crate::rt::Reaper;
 /// by the socket too. TLS is not supported yet (the connection is `NoTls`).
 ///
 /// ```no_run
-/// use custodian::pg::PgLockOptions;
+/// use custodian::pg::PgLockBuilder;
 /// use std::time::Duration;
 ///
 /// # async fn f() -> std::io::Result<()> {
-/// let options = PgLockOptions::parse("host=db.internal user=app dbname=app")?
+/// let options = PgLockBuilder::parse("host=db.internal user=app dbname=app")?
 ///     .check_interval(Duration::from_millis(500))
 ///     .clone();
 /// let lock = options.acquire("nightly-report").await?;
@@ -49,7 +49,8 @@ use crate::rt::Reaper;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
-pub struct PgLockOptions {
+#[must_use = "a builder does nothing until `connect` or an acquire"]
+pub struct PgLockBuilder {
     pub(crate) config: Config,
     pub(crate) shared: bool,
     pub(crate) check_interval: Duration,
@@ -63,11 +64,11 @@ pub struct PgLockOptions {
 /// The default liveness-check interval.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-impl PgLockOptions {
+impl PgLockBuilder {
     /// Options for the server `config` names: exclusive, liveness check every second,
     /// fencing on (table `custodian_fence`), unlock timeout 5 s.
-    pub fn new(config: Config) -> PgLockOptions {
-        PgLockOptions {
+    pub fn new(config: Config) -> PgLockBuilder {
+        PgLockBuilder {
             config,
             shared: false,
             check_interval: CHECK_INTERVAL,
@@ -83,7 +84,7 @@ impl PgLockOptions {
     /// `postgresql://user@host:port/db`).
     ///
     /// ```
-    /// let options = custodian::pg::PgLockOptions::parse("host=127.0.0.1 port=5432 user=app")?;
+    /// let options = custodian::pg::PgLockBuilder::parse("host=127.0.0.1 port=5432 user=app")?;
     /// assert_eq!(options.endpoint(), "127.0.0.1:5432");
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -91,7 +92,7 @@ impl PgLockOptions {
     /// # Errors
     /// The string does not parse: kind `InvalidInput`, saying why (the string itself is
     /// not repeated: it may hold a password).
-    pub fn parse(conn: &str) -> io::Result<PgLockOptions> {
+    pub fn parse(conn: &str) -> io::Result<PgLockBuilder> {
         let config: Config = conn.parse().map_err(|e: tokio_postgres::Error| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -101,11 +102,11 @@ impl PgLockOptions {
                 ),
             )
         })?;
-        Ok(PgLockOptions::new(config))
+        Ok(PgLockBuilder::new(config))
     }
 
     /// Shared (many shared holders at once, no exclusive one) or exclusive (default).
-    pub fn shared(&mut self, shared: bool) -> &mut Self {
+    pub fn shared(mut self, shared: bool) -> Self {
         self.shared = shared;
         self
     }
@@ -114,21 +115,21 @@ impl PgLockOptions {
     /// is one query on the lock's connection that asks `pg_locks` whether this session
     /// still holds the lock. [`PgLock::lost`] fires within this interval plus one round
     /// trip of the session's loss (at once when the server closes the connection).
-    pub fn check_interval(&mut self, interval: Duration) -> &mut Self {
+    pub fn check_interval(mut self, interval: Duration) -> Self {
         self.check_interval = interval.max(Duration::from_millis(1));
         self
     }
 
     /// How long a liveness check may take before the lock counts as lost (default: the
     /// check interval, at least 1 s).
-    pub fn check_timeout(&mut self, timeout: Duration) -> &mut Self {
+    pub fn check_timeout(mut self, timeout: Duration) -> Self {
         self.check_timeout = Some(timeout);
         self
     }
 
     /// The connect timeout used when the config sets none (default 10 s). It bounds the
     /// whole connection set-up (TCP, authentication), not only the TCP connect.
-    pub fn connect_timeout(&mut self, timeout: Duration) -> &mut Self {
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
@@ -138,7 +139,7 @@ impl PgLockOptions {
     /// (default 5 s). The session's liveness watch enforces it at its ticks (no timer per
     /// unlock): the connection is closed after at least this long and at most two check
     /// intervals more.
-    pub fn unlock_timeout(&mut self, timeout: Duration) -> &mut Self {
+    pub fn unlock_timeout(mut self, timeout: Duration) -> Self {
         self.unlock_timeout = timeout;
         self
     }
@@ -146,13 +147,13 @@ impl PgLockOptions {
     /// Fencing tokens ([`PgLock::fence`]): on (default) with a counter table of this
     /// name (an identifier in the search path, quoted; created on first use), or off
     /// with `None` (no table, no write per acquisition; `fence()` is then `None`).
-    pub fn fencing(&mut self, table: Option<&str>) -> &mut Self {
+    pub fn fencing(mut self, table: Option<&str>) -> Self {
         self.fence_table = table.map(str::to_owned);
         self
     }
 
     /// The reaper that runs the unlock of a dropped lock (default [`Reaper::global`]).
-    pub fn reaper(&mut self, reaper: &Reaper) -> &mut Self {
+    pub fn reaper(mut self, reaper: &Reaper) -> Self {
         self.reaper = Some(reaper.clone());
         self
     }
@@ -211,7 +212,7 @@ impl PgLockOptions {
     ///
     /// ```no_run
     /// # async fn f() -> std::io::Result<()> {
-    /// let options = custodian::pg::PgLockOptions::parse("host=127.0.0.1 user=app dbname=app")?;
+    /// let options = custodian::pg::PgLockBuilder::parse("host=127.0.0.1 user=app dbname=app")?;
     /// match options.try_acquire("nightly-report").await? {
     ///     Ok(lock) => lock.close().await?,
     ///     Err(held) => println!("{held}"), // "... held by backend pid 4242 ..."
@@ -261,16 +262,16 @@ impl PgLockOptions {
     }
 }
 
-impl From<Config> for PgLockOptions {
+impl From<Config> for PgLockBuilder {
     fn from(config: Config) -> Self {
-        PgLockOptions::new(config)
+        PgLockBuilder::new(config)
     }
 }
 
-impl fmt::Debug for PgLockOptions {
+impl fmt::Debug for PgLockBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Not the config itself: it may hold a password.
-        f.debug_struct("PgLockOptions")
+        f.debug_struct("PgLockBuilder")
             .field("endpoint", &self.endpoint())
             .field("shared", &self.shared)
             .field("check_interval", &self.check_interval)
@@ -355,14 +356,14 @@ struct Statements {
 }
 
 /// A dedicated connection to take advisory locks on, one at a time: the connection
-/// [`PgLockOptions::connect`] opens, that [`acquire`](PgSession::acquire) turns into a
+/// [`PgLockBuilder::connect`] opens, that [`acquire`](PgSession::acquire) turns into a
 /// [`PgLock`] and [`PgLock::release`] gives back. Dropped, it closes the connection.
 ///
 /// ```no_run
-/// use custodian::pg::PgLockOptions;
+/// use custodian::pg::PgLockBuilder;
 ///
 /// # async fn f() -> std::io::Result<()> {
-/// let options = PgLockOptions::parse("host=127.0.0.1 user=app dbname=app")?;
+/// let options = PgLockBuilder::parse("host=127.0.0.1 user=app dbname=app")?;
 /// let mut session = options.connect().await?;
 /// for job in 0..10i64 {
 ///     let lock = session.acquire(job).await?;
@@ -374,7 +375,7 @@ struct Statements {
 pub struct PgSession {
     pub(crate) client: Arc<Client>,
     pub(crate) conn_task: AbortHandle,
-    pub(crate) options: Arc<PgLockOptions>,
+    pub(crate) options: Arc<PgLockBuilder>,
     pub(crate) endpoint: Arc<str>,
     pub(crate) backend_pid: i32,
     /// Cancelled when the connection task ends; `watched.closed_why` says why.
@@ -403,7 +404,7 @@ struct Cache {
 }
 
 impl PgSession {
-    async fn connect(options: &PgLockOptions) -> io::Result<PgSession> {
+    async fn connect(options: &PgLockBuilder) -> io::Result<PgSession> {
         let mut config = options.config.clone();
         let connect_timeout = *config
             .get_connect_timeout()

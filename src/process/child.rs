@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use process_wrap::std::{ChildWrapper, CommandWrap, ProcessGroup};
 
-use super::{ChildOptions, Signal, sys};
+use super::{ChildGuardBuilder, Signal, sys};
 use crate::Close;
 use crate::GuardError;
 use crate::io_error::with_context;
@@ -42,14 +42,14 @@ pub struct ChildGuard {
     /// `None` once closed or given away by `into_inner`.
     child: Option<Box<dyn ChildWrapper>>,
     pid: u32,
-    options: ChildOptions,
+    options: ChildGuardBuilder,
     /// `close` already returned a failure to stop this child: the retry from `Drop` (a
     /// dropped `GuardError`) reports nothing more. One failure, one report.
     failure_returned: bool,
     ticket: Ticket,
 }
 
-impl ChildOptions {
+impl ChildGuardBuilder {
     /// Spawns `command` with these options, in its own process group if
     /// [`process_group`](Self::process_group) is set.
     ///
@@ -57,7 +57,7 @@ impl ChildOptions {
     /// The spawn error (e.g. `NotFound` for a missing program), naming the program.
     ///
     /// ```
-    /// let child = custodian::process::ChildOptions::new()
+    /// let child = custodian::process::ChildGuardBuilder::new()
     ///     .process_group(true)
     ///     .spawn(std::process::Command::new("true"))?;
     /// assert!(child.close()?.success() || true);
@@ -92,7 +92,7 @@ impl ChildOptions {
     ///
     /// ```
     /// let child = std::process::Command::new("sleep").arg("30").spawn()?;
-    /// let guard = custodian::process::ChildOptions::new().guard(child);
+    /// let guard = custodian::process::ChildGuardBuilder::new().guard(child);
     /// guard.close()?;
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -102,7 +102,7 @@ impl ChildOptions {
         ChildGuard {
             pid: child.id(),
             child: Some(Box::new(child)),
-            options: ChildOptions {
+            options: ChildGuardBuilder {
                 group: false,
                 ..*self
             },
@@ -113,7 +113,22 @@ impl ChildOptions {
 }
 
 impl ChildGuard {
-    /// Spawns `command` with the default [`ChildOptions`]: `SIGTERM`, a 3 s grace
+    /// A builder: the stop signal, the grace period, the process group.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let child = custodian::process::ChildGuard::builder()
+    ///     .grace(Duration::from_millis(200))
+    ///     .spawn(std::process::Command::new("true"))?;
+    /// child.close()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub const fn builder() -> ChildGuardBuilder {
+        ChildGuardBuilder::new()
+    }
+
+    /// Spawns `command` with the default [`ChildGuardBuilder`]: `SIGTERM`, a 3 s grace
     /// period, no process group.
     ///
     /// # Errors
@@ -129,7 +144,7 @@ impl ChildGuard {
     #[track_caller]
     #[must_use = "dropping the guard stops the child at once"]
     pub fn spawn(command: Command) -> io::Result<ChildGuard> {
-        ChildOptions::new().spawn(command)
+        ChildGuardBuilder::new().spawn(command)
     }
 
     /// The child's pid (also its process group id when spawned in its own group).
@@ -150,7 +165,7 @@ impl ChildGuard {
     /// assert!(!child.options().get_process_group());
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn options(&self) -> &ChildOptions {
+    pub fn options(&self) -> &ChildGuardBuilder {
         &self.options
     }
 
@@ -294,7 +309,7 @@ impl ChildGuard {
     /// let mut cmd = std::process::Command::new("sh");
     /// cmd.args(["-c", "trap '' TERM; echo ready; exec sleep 30"]); // ignores SIGTERM
     /// cmd.stdout(std::process::Stdio::piped());
-    /// let mut child = custodian::process::ChildOptions::new()
+    /// let mut child = custodian::process::ChildGuardBuilder::new()
     ///     .grace(Duration::from_millis(100))
     ///     .spawn(cmd)?;
     /// let mut ready = String::new();
@@ -317,7 +332,7 @@ impl ChildGuard {
     }
 
     /// Stops guarding: returns the std child, which is then neither stopped nor reaped
-    /// for you. A child spawned with [`process_group`](ChildOptions::process_group) stays
+    /// for you. A child spawned with [`process_group`](ChildGuardBuilder::process_group) stays
     /// its group's leader; signalling the group is then up to you (`kill(-pid, sig)`).
     ///
     /// ```

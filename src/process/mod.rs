@@ -15,13 +15,13 @@
 //! reserved, so a signal can never hit an unrelated process that recycled the pid.
 //!
 //! ```
-//! use custodian::process::ChildOptions;
+//! use custodian::process::ChildGuardBuilder;
 //! use std::process::Command;
 //! use std::time::Duration;
 //!
 //! let mut cmd = Command::new("sh");
 //! cmd.args(["-c", "sleep 30 & sleep 30"]); // a child with a grandchild
-//! let child = ChildOptions::new()
+//! let child = ChildGuardBuilder::new()
 //!     .process_group(true)
 //!     .grace(Duration::from_secs(2))
 //!     .spawn(cmd)?;
@@ -95,10 +95,10 @@ impl Signal {
 /// [`AsyncChildGuard`]).
 ///
 /// ```
-/// use custodian::process::{ChildOptions, Signal};
+/// use custodian::process::{ChildGuardBuilder, Signal};
 /// use std::time::Duration;
 ///
-/// let options = ChildOptions::new()
+/// let options = ChildGuardBuilder::new()
 ///     .signal(Signal::INT)
 ///     .grace(Duration::from_millis(500))
 ///     .process_group(true);
@@ -107,19 +107,20 @@ impl Signal {
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChildOptions {
+#[must_use = "a builder does nothing until `spawn` or `guard`"]
+pub struct ChildGuardBuilder {
     signal: Signal,
     grace: Duration,
     group: bool,
 }
 
-impl Default for ChildOptions {
+impl Default for ChildGuardBuilder {
     fn default() -> Self {
-        ChildOptions::new()
+        ChildGuardBuilder::new()
     }
 }
 
-impl ChildOptions {
+impl ChildGuardBuilder {
     /// How long a child gets between the first signal and `SIGKILL` by default: 3 s.
     pub const DEFAULT_GRACE: Duration = Duration::from_secs(3);
 
@@ -127,11 +128,11 @@ impl ChildOptions {
     /// group.
     ///
     /// ```
-    /// let options = custodian::process::ChildOptions::new();
+    /// let options = custodian::process::ChildGuardBuilder::new();
     /// assert_eq!(options.get_signal(), custodian::process::Signal::TERM);
     /// ```
-    pub const fn new() -> ChildOptions {
-        ChildOptions {
+    pub const fn new() -> ChildGuardBuilder {
+        ChildGuardBuilder {
             signal: Signal::TERM,
             grace: Self::DEFAULT_GRACE,
             group: false,
@@ -141,11 +142,11 @@ impl ChildOptions {
     /// The signal sent first (default `SIGTERM`).
     ///
     /// ```
-    /// use custodian::process::{ChildOptions, Signal};
-    /// assert_eq!(ChildOptions::new().signal(Signal::HUP).get_signal(), Signal::HUP);
+    /// use custodian::process::{ChildGuardBuilder, Signal};
+    /// assert_eq!(ChildGuardBuilder::new().signal(Signal::HUP).get_signal(), Signal::HUP);
     /// ```
     #[must_use = "the builder is returned, not changed in place"]
-    pub const fn signal(mut self, signal: Signal) -> ChildOptions {
+    pub const fn signal(mut self, signal: Signal) -> ChildGuardBuilder {
         self.signal = signal;
         self
     }
@@ -154,11 +155,11 @@ impl ChildOptions {
     ///
     /// ```
     /// use std::time::Duration;
-    /// let options = custodian::process::ChildOptions::new().grace(Duration::from_secs(10));
+    /// let options = custodian::process::ChildGuardBuilder::new().grace(Duration::from_secs(10));
     /// assert_eq!(options.get_grace(), Duration::from_secs(10));
     /// ```
     #[must_use = "the builder is returned, not changed in place"]
-    pub const fn grace(mut self, grace: Duration) -> ChildOptions {
+    pub const fn grace(mut self, grace: Duration) -> ChildGuardBuilder {
         self.grace = grace;
         self
     }
@@ -170,10 +171,10 @@ impl ChildOptions {
     /// is left in its group gets `SIGKILL`.
     ///
     /// ```
-    /// assert!(custodian::process::ChildOptions::new().process_group(true).get_process_group());
+    /// assert!(custodian::process::ChildGuardBuilder::new().process_group(true).get_process_group());
     /// ```
     #[must_use = "the builder is returned, not changed in place"]
-    pub const fn process_group(mut self, group: bool) -> ChildOptions {
+    pub const fn process_group(mut self, group: bool) -> ChildGuardBuilder {
         self.group = group;
         self
     }
@@ -181,7 +182,7 @@ impl ChildOptions {
     /// The signal set with [`signal`](Self::signal).
     ///
     /// ```
-    /// let _ = custodian::process::ChildOptions::new().get_signal();
+    /// let _ = custodian::process::ChildGuardBuilder::new().get_signal();
     /// ```
     pub const fn get_signal(&self) -> Signal {
         self.signal
@@ -190,7 +191,7 @@ impl ChildOptions {
     /// The grace period set with [`grace`](Self::grace).
     ///
     /// ```
-    /// let _ = custodian::process::ChildOptions::new().get_grace();
+    /// let _ = custodian::process::ChildGuardBuilder::new().get_grace();
     /// ```
     pub const fn get_grace(&self) -> Duration {
         self.grace
@@ -199,7 +200,7 @@ impl ChildOptions {
     /// Whether the whole process group is signalled.
     ///
     /// ```
-    /// assert!(!custodian::process::ChildOptions::new().get_process_group());
+    /// assert!(!custodian::process::ChildGuardBuilder::new().get_process_group());
     /// ```
     pub const fn get_process_group(&self) -> bool {
         self.group

@@ -8,7 +8,7 @@ use std::time::Duration;
 use process_wrap::tokio::{ChildWrapper, CommandWrap, ProcessGroup};
 use tokio::process::{ChildStderr, ChildStdin, ChildStdout, Command};
 
-use super::{ChildOptions, Signal, sys};
+use super::{ChildGuardBuilder, Signal, sys};
 use crate::GuardError;
 use crate::io_error::with_context;
 use crate::ledger::Kind;
@@ -53,14 +53,14 @@ pub struct AsyncChildGuard {
 struct ChildState {
     child: Box<dyn ChildWrapper>,
     pid: u32,
-    options: ChildOptions,
+    options: ChildGuardBuilder,
     status: Option<ExitStatus>,
     /// `close` already returned a failure to stop this child: the retry from `Drop` (a
     /// dropped `GuardError`) reports nothing more. One failure, one report.
     failure_returned: bool,
 }
 
-impl ChildOptions {
+impl ChildGuardBuilder {
     /// Spawns a tokio `command` with these options, in its own process group if
     /// [`process_group`](Self::process_group) is set.
     ///
@@ -72,7 +72,7 @@ impl ChildOptions {
     ///
     /// ```
     /// # tokio::runtime::Runtime::new()?.block_on(async {
-    /// let child = custodian::process::ChildOptions::new()
+    /// let child = custodian::process::ChildGuardBuilder::new()
     ///     .process_group(true)
     ///     .spawn_async(tokio::process::Command::new("true"))?;
     /// child.close().await?;
@@ -121,7 +121,7 @@ impl ChildOptions {
 }
 
 impl AsyncChildGuard {
-    /// Spawns a tokio `command` with the default [`ChildOptions`].
+    /// Spawns a tokio `command` with the default [`ChildGuardBuilder`].
     ///
     /// # Errors
     /// The spawn error, naming the program.
@@ -140,7 +140,7 @@ impl AsyncChildGuard {
     #[track_caller]
     #[must_use = "dropping the guard kills the child at once"]
     pub fn spawn(command: Command) -> io::Result<AsyncChildGuard> {
-        ChildOptions::new().spawn_async(command)
+        ChildGuardBuilder::new().spawn_async(command)
     }
 
     /// The child's pid (also its process group id when spawned in its own group).
@@ -167,7 +167,7 @@ impl AsyncChildGuard {
     /// # })?;
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn options(&self) -> &ChildOptions {
+    pub fn options(&self) -> &ChildGuardBuilder {
         &self.inner.options
     }
 
@@ -329,7 +329,7 @@ impl AsyncChildGuard {
     /// let mut cmd = tokio::process::Command::new("sh");
     /// cmd.args(["-c", "trap '' TERM; echo ready; exec sleep 30"]); // ignores SIGTERM
     /// cmd.stdout(std::process::Stdio::piped());
-    /// let mut child = custodian::process::ChildOptions::new()
+    /// let mut child = custodian::process::ChildGuardBuilder::new()
     ///     .grace(Duration::from_millis(100))
     ///     .spawn_async(cmd)?;
     /// let mut ready = String::new();

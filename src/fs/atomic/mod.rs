@@ -135,6 +135,7 @@ pub struct AtomicFile {
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until `create`"]
 pub struct AtomicFileBuilder {
     sync: bool,
     permissions: Option<Permissions>,
@@ -170,7 +171,7 @@ impl AtomicFileBuilder {
     /// directory; default `true`). With `false` the replacement is still atomic for
     /// readers and survives a crash of the process, but not a power loss or a kernel
     /// crash: use it for caches and tests.
-    pub fn sync(&mut self, sync: bool) -> &mut Self {
+    pub fn sync(mut self, sync: bool) -> Self {
         self.sync = sync;
         self
     }
@@ -178,7 +179,7 @@ impl AtomicFileBuilder {
     /// The permission bits of the new file, set exactly: a umask that removes group or
     /// other bits does not apply (one that removes the owner's own bits still does to an
     /// owner-only mode such as `0o600`). Overrides [`keep_permissions`](Self::keep_permissions).
-    pub fn permissions(&mut self, permissions: Permissions) -> &mut Self {
+    pub fn permissions(mut self, permissions: Permissions) -> Self {
         self.permissions = Some(permissions);
         self
     }
@@ -186,7 +187,7 @@ impl AtomicFileBuilder {
     /// Whether the new file gets the permission bits of the file it replaces (default
     /// `true`; when the target is a symbolic link, those of the file it points to). A new
     /// target gets `0o600`. Unix only: elsewhere the new file gets the default ones.
-    pub fn keep_permissions(&mut self, keep: bool) -> &mut Self {
+    pub fn keep_permissions(mut self, keep: bool) -> Self {
         self.keep_permissions = keep;
         self
     }
@@ -195,13 +196,13 @@ impl AtomicFileBuilder {
     /// while being published is in `dir` too). `dir` must be on the target's file system,
     /// since `rename` cannot cross file systems: `create` checks this and fails with
     /// [`io::ErrorKind::CrossesDevices`] otherwise.
-    pub fn temp_dir(&mut self, dir: impl Into<PathBuf>) -> &mut Self {
+    pub fn temp_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.temp_dir = Some(dir.into());
         self
     }
 
     /// The capacity of the write buffer (default 8 KiB; 0 writes straight through).
-    pub fn buffer_capacity(&mut self, bytes: usize) -> &mut Self {
+    pub fn buffer_capacity(mut self, bytes: usize) -> Self {
         self.buffer = bytes;
         self
     }
@@ -210,7 +211,7 @@ impl AtomicFileBuilder {
     /// writers (default `true` on Unix; a no-op elsewhere). Only where a named temp file
     /// is used, and once per target and process: one directory listing then, none for
     /// later writes (see *Crashes* on [`AtomicFile`]).
-    pub fn remove_stale(&mut self, remove: bool) -> &mut Self {
+    pub fn remove_stale(mut self, remove: bool) -> Self {
         self.remove_stale = remove && imp::CLEANS_STALE;
         self
     }
@@ -235,7 +236,7 @@ impl AtomicFileBuilder {
     /// file.commit()?;
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn named_temp_file(&mut self, named: bool) -> &mut Self {
+    pub fn named_temp_file(mut self, named: bool) -> Self {
         self.named = named;
         self
     }
