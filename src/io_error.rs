@@ -46,3 +46,26 @@ pub(crate) fn with_context(error: io::Error, context: impl fmt::Display) -> io::
 pub(crate) fn path_error(what: &'static str, path: &Path, error: io::Error) -> io::Error {
     with_context(error, format_args!("{what} {}", path.display()))
 }
+
+/// The OS error code (`errno`) behind `error`, also when custodian wrapped it to name the
+/// path, address or pid it concerns: [`io::Error::raw_os_error`] sees only the outer
+/// error, and kinds such as `ELOOP` have no stable [`io::ErrorKind`] to match on.
+///
+/// ```
+/// # #[cfg(target_os = "linux")] {
+/// let dir = tempfile::tempdir()?;
+/// let link = dir.path().join("app.pid");
+/// std::os::unix::fs::symlink("/etc/passwd", &link)?;
+/// let err = custodian::fs::LockFile::acquire(&link).unwrap_err(); // never followed
+/// assert_eq!(err.raw_os_error(), None); // wrapped, to name the path
+/// assert_eq!(custodian::raw_os_error(&err), Some(40)); // ELOOP on Linux
+/// # }
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn raw_os_error(error: &io::Error) -> Option<i32> {
+    if let Some(code) = error.raw_os_error() {
+        return Some(code);
+    }
+    let context = error.get_ref()?.downcast_ref::<Context>()?;
+    raw_os_error(&context.source)
+}

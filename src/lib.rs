@@ -110,6 +110,7 @@ mod tally;
 
 pub use close::Close;
 pub use error::{BoxError, CleanupError, CleanupErrors, GuardError};
+pub use io_error::raw_os_error;
 pub use rollback::Rollback;
 pub use scope::{Scope, ScopeError, scope};
 pub use stack::{CleanupStack, Outcome};

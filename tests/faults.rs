@@ -170,11 +170,18 @@ fn lock_file_refuses_what_is_not_a_regular_file() {
             .file_type()
             .is_fifo_like()
     );
+    // Reading who holds it does not wait for a writer on the FIFO either.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = fifo.clone();
+    std::thread::spawn(move || tx.send(LockFile::owner_pid(&path).ok().flatten()));
+    let owner = rx.recv_timeout(std::time::Duration::from_secs(10));
+    assert_eq!(owner, Ok(None), "owner_pid on a FIFO must return at once");
 
     let subdir = dir.path().join("subdir");
     fs::create_dir(&subdir).unwrap();
     fs::write(subdir.join("inside"), "kept").unwrap();
     let err = LockFile::acquire(&subdir).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
     assert!(
         err.to_string().contains(&subdir.display().to_string()),
         "{err}"
@@ -218,6 +225,26 @@ fn lock_file_takes_over_empty_files_and_stale_records() {
             "{name}: our lock file is removed on release"
         );
     }
+}
+
+#[test]
+fn a_shared_lock_empties_a_stale_exclusive_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.lock");
+    // A record left by an exclusive holder that is gone.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    fs::write(&path, format!("{gone_pid}\n")).unwrap();
+    let reader = LockFile::builder().shared(true).acquire(&path).unwrap();
+    assert_eq!(
+        LockFile::owner_pid(&path).unwrap(),
+        None,
+        "no stale holder named"
+    );
+    let held = LockFile::try_acquire(&path).unwrap().unwrap_err();
+    assert_eq!(held.pid(), None);
+    drop(reader);
 }
 
 #[test]
@@ -303,6 +330,13 @@ fn checked_file_close_after_a_failed_write_reports_it() {
             .contains("an earlier write to /dev/full failed"),
         "{err}"
     );
+
+    // The escape hatch does not pass the incomplete file off as complete either.
+    let mut file = CheckedFile::create("/dev/full").unwrap();
+    assert!(file.write_all(&[0; 64 * 1024]).is_err());
+    let err = CheckedFile::into_inner(file).expect_err("into_inner after a failed write");
+    assert!(err.to_string().contains("an earlier write"), "{err}");
+    drop(err.into_guard());
 
     // Dropped instead of closed: the same failure is reported and counted.
     let before = custodian::ledger::snapshot();
@@ -755,6 +789,32 @@ impl tracing::Subscriber for PanickingSubscriber {
     }
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A `Display` that returns `Err` (without panicking): shown as such, and never turned
+/// into a panic (which would run the user's panic hook from `Drop`).
+struct FailingDisplay;
+
+impl fmt::Display for FailingDisplay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("half a message")?;
+        Err(fmt::Error)
+    }
+}
+
+#[test]
+fn a_display_that_returns_err_is_shown_not_turned_into_a_panic() {
+    static KIND: custodian::ledger::Kind = custodian::ledger::Kind::new("test::failing_display");
+    let ((), events) = capture(|| {
+        let ticket = custodian::ledger::Ticket::new(&KIND);
+        ticket.failure(&"a resource", &FailingDisplay);
+    });
+    let errs = errors(&events);
+    assert_eq!(errs.len(), 1, "{events:?}");
+    assert_eq!(
+        errs[0].field("error"),
+        Some("half a message<Display of the error failed>")
+    );
 }
 
 #[test]

@@ -983,3 +983,25 @@ fn sigterm_and_sigint_drain_the_reaper() {
         }
     });
 }
+
+#[test]
+fn a_cleanup_that_panics_in_close_counts_a_failure_not_a_clean_release() {
+    static PANICKY: Kind = Kind::new("test::panics_in_close");
+    let rt = common::current_thread();
+    let before = ledger::snapshot();
+    rt.block_on(async {
+        let guard = AsyncGuard::builder().kind(&PANICKY).build((), |()| async {
+            if true {
+                panic!("the cleanup panicked");
+            }
+            Ok::<_, std::io::Error>(())
+        });
+        let joined = tokio::spawn(AsyncGuard::close(guard)).await;
+        assert!(
+            joined.unwrap_err().is_panic(),
+            "the panic goes on to the caller"
+        );
+    });
+    let c = counts("test::panics_in_close", &before);
+    assert_eq!((c.acquired, c.released, c.failed), (1, 1, 1), "{c:?}");
+}

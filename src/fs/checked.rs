@@ -238,9 +238,14 @@ impl CheckedFile {
     /// ```
     ///
     /// # Errors
-    /// When the flush fails: the error and the `CheckedFile`, data still buffered.
+    /// When the flush fails: the error and the `CheckedFile`, data still buffered. When
+    /// an earlier write failed (see [`CheckedFile`]): that failure, with the file back, so
+    /// the escape hatch cannot pass an incomplete file off as complete either.
     pub fn into_inner(mut this: Self) -> Result<File, GuardError<CheckedFile>> {
         if let Err(e) = this.flush() {
+            return Err(GuardError::new(e, this));
+        }
+        if let Some(e) = this.poison.error("the file is incomplete", &this.path) {
             return Err(GuardError::new(e, this));
         }
         let Some(writer) = this.writer.take() else {

@@ -357,8 +357,16 @@ impl LockFileBuilder {
             if !meta.is_file() {
                 return Err(not_a_lock_file(path, "is not a regular file"));
             }
-            if meta.len() > 0 && read_record(&file, path)?.is_none() {
-                return Err(not_a_lock_file(path, "holds something other than a pid"));
+            let record = match meta.len() {
+                0 => Record::Empty,
+                _ => read_record(&file, path)?
+                    .ok_or_else(|| not_a_lock_file(path, "holds something other than a pid"))?,
+            };
+            if self.shared && record != Record::Empty {
+                // A pid left by an exclusive holder that is gone (we hold a shared lock, so
+                // no exclusive one exists): emptied, so nobody reads it as the holder.
+                file.set_len(0)
+                    .map_err(|e| path_error("cannot empty the stale lock record in", path, e))?;
             }
             let pid = std::process::id();
             if !self.shared
@@ -515,7 +523,7 @@ impl LockFile {
     pub fn owner_pid(path: impl AsRef<Path>) -> io::Result<Option<u32>> {
         let path = path.as_ref();
         let mut options = OpenOptions::new();
-        let file = match imp::no_follow(options.read(true)).open(path) {
+        let file = match imp::no_follow_inert(options.read(true)).open(path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(path_error("cannot read the lock file", path, e)),
@@ -766,7 +774,8 @@ impl From<LockHeld> for io::Error {
 fn open(path: &Path) -> io::Result<(File, bool)> {
     let mut options = OpenOptions::new();
     options.read(true).write(true);
-    imp::no_follow(&mut options);
+    // Inert on a FIFO or a terminal met at `path`, which is then refused untouched.
+    imp::no_follow_inert(&mut options);
     loop {
         let mut create = options.clone();
         imp::create_mode(create.create_new(true), 0o644);
@@ -779,6 +788,10 @@ fn open(path: &Path) -> io::Result<(File, bool)> {
             Ok(file) => return Ok((file, false)),
             // Removed between the two opens (a holder released it): create it again.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            // A directory: refused like any other file that is not a lock file.
+            Err(e) if e.kind() == io::ErrorKind::IsADirectory => {
+                return Err(not_a_lock_file(path, "is a directory"));
+            }
             Err(e) => return Err(path_error("cannot open the lock file", path, e)),
         }
     }

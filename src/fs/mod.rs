@@ -34,8 +34,9 @@
 //! a cleanup that fails in `Drop` becomes a tracing `error` event naming the path, and a
 //! `failed` count.
 //!
-//! Errors name the path they concern and keep the original [`io::ErrorKind`]; the
-//! original error is their [`source`](std::error::Error::source).
+//! Errors name the path they concern and keep the original [`io::ErrorKind`]; their
+//! message ends with the original one, and [`raw_os_error`](crate::raw_os_error) gives
+//! the OS error code behind them.
 //!
 //! # Platforms
 //! Unix is the reference. Elsewhere the guards compile with weaker, documented behaviour:

@@ -36,8 +36,8 @@ fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
 }
 
 /// A user's value (an error, a resource description) as events show it: its `Display`
-/// runs under `catch_unwind`, and a panic (or an `Err` from it) shows as
-/// `<Display of the {what} panicked>` instead. Reporting runs from `Drop`, often while a
+/// runs under `catch_unwind`, and a panic shows as `<Display of the {what} panicked>`
+/// instead (an `Err` from it as `<Display of the {what} failed>`). Reporting runs from `Drop`, often while a
 /// panic unwinds, where one more panic escaping would abort the process.
 pub(crate) struct Shown<'a> {
     value: &'a dyn fmt::Display,
@@ -62,9 +62,16 @@ impl<'a> Shown<'a> {
 
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Formatted into a string first, so that a panic half-way writes nothing partial.
-        match panic::catch_unwind(AssertUnwindSafe(|| self.value.to_string())) {
-            Ok(text) => f.write_str(&text),
+        // Formatted into a string first, so that a panic half-way writes nothing partial;
+        // with `fmt::write`, not `to_string`, so that a `Display` returning `Err` is not
+        // turned into a panic (and a run of the user's panic hook) either.
+        let mut text = String::new();
+        let written = panic::catch_unwind(AssertUnwindSafe(|| {
+            fmt::write(&mut text, format_args!("{}", self.value))
+        }));
+        match written {
+            Ok(Ok(())) => f.write_str(&text),
+            Ok(Err(fmt::Error)) => write!(f, "{text}<Display of the {} failed>", self.what),
             Err(payload) => {
                 drop_payload(payload);
                 write!(f, "<Display of the {} panicked>", self.what)

@@ -91,6 +91,13 @@ impl Ticket {
         );
     }
 
+    /// One more `failed` in the ledger, with no event: for a failure the caller already
+    /// got (a returned error, a panic going on to the caller).
+    #[cold]
+    pub(crate) fn count_failure(&self) {
+        self.kind.count_failure();
+    }
+
     /// Reports that the resource's cleanup ran from `Drop` rather than an explicit
     /// `close`: a `debug` event, since a dropped guard cannot return its error.
     pub fn dropped_without_close(&self, resource: &dyn fmt::Display) {

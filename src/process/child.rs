@@ -410,7 +410,8 @@ impl Drop for ChildGuard {
         let resource = format_args!("child process {pid}");
         match self.stop() {
             Ok(_) => self.ticket.dropped_without_close(&resource),
-            Err(_) if self.failure_returned => {}
+            // Already returned by `close`: counted, not reported a second time.
+            Err(_) if self.failure_returned => KIND.count_failure(),
             Err(e) => self.ticket.failure(&resource, &e),
         }
     }

@@ -112,7 +112,11 @@ impl ChildGuardBuilder {
             .build(state, |mut state| async move {
                 match state.stop().await {
                     Ok(_) => Ok(()),
-                    Err(_) if state.failure_returned => Ok(()),
+                    // Already returned by `close`: counted, not reported a second time.
+                    Err(_) if state.failure_returned => {
+                        KIND.count_failure();
+                        Ok(())
+                    }
                     Err(e) => Err(e),
                 }
             });

@@ -425,6 +425,11 @@ impl<E: Into<BoxError> + 'static> Closing<E> {
 impl<E: Into<BoxError> + 'static> Drop for Closing<E> {
     fn drop(&mut self) {
         if self.polling {
+            // The cleanup panicked: the panic goes on to the caller of `close`, and the
+            // ledger counts a failure rather than a clean release.
+            if let Some(left) = &self.left {
+                left.owner.ticket.count_failure();
+            }
             return;
         }
         if let Some(left) = self.left.take() {

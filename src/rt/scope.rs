@@ -486,7 +486,11 @@ impl<E> fmt::Debug for AsyncScope<E> {
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 /// let addr = listener.local_addr()?;
-/// tokio::spawn(async move { drop(listener.accept().await) }); // a peer that hangs up
+/// tokio::spawn(async move {
+///     // A peer that reads the request to its end, then hangs up.
+///     let (mut peer, _) = listener.accept().await?;
+///     tokio::io::AsyncReadExt::read_to_end(&mut peer, &mut Vec::new()).await
+/// });
 /// custodian::rt::scope(|s| async move {
 ///     let stream = tokio::net::TcpStream::connect(addr).await?;
 ///     let mut conn = s.enter(stream); // closed gracefully when the scope ends

@@ -17,6 +17,11 @@ pub(crate) fn no_follow(options: &mut OpenOptions) -> &mut OpenOptions {
     options
 }
 
+/// Nothing to add here: options unchanged.
+pub(crate) fn no_follow_inert(options: &mut OpenOptions) -> &mut OpenOptions {
+    options
+}
+
 /// No Unix modes here: options unchanged.
 pub(crate) fn create_mode(options: &mut OpenOptions, _mode: u32) -> &mut OpenOptions {
     options

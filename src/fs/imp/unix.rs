@@ -27,6 +27,13 @@ pub(crate) fn no_follow(options: &mut OpenOptions) -> &mut OpenOptions {
     options.custom_flags(OFlags::NOFOLLOW.bits() as i32)
 }
 
+/// As [`no_follow`], and without side effects on what is not a regular file: a FIFO
+/// does not block the `open` (`O_NONBLOCK`), a terminal does not become the controlling
+/// one (`O_NOCTTY`). Neither changes anything for a regular file (`flock` still waits).
+pub(crate) fn no_follow_inert(options: &mut OpenOptions) -> &mut OpenOptions {
+    options.custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
+}
+
 /// Sets the mode used when `options` creates a file.
 pub(crate) fn create_mode(options: &mut OpenOptions, mode: u32) -> &mut OpenOptions {
     options.mode(mode)
