@@ -223,7 +223,17 @@ where
 }
 
 impl<'a, E> Scope<'a, E> {
-    /// Runs `f` when the scope ends, however it ends.
+    /// Runs `f` when the scope ends, however it ends (Python's `finally`).
+    ///
+    /// ```
+    /// let log = std::cell::RefCell::new(Vec::new());
+    /// let result = custodian::scope(|s| {
+    ///     s.defer(|| log.borrow_mut().push("cleaned up"));
+    ///     Err::<(), _>(std::io::Error::other("failed half-way"))
+    /// });
+    /// assert!(result.is_err());
+    /// assert_eq!(*log.borrow(), ["cleaned up"]);
+    /// ```
     #[track_caller]
     pub fn defer(&self, f: impl FnOnce() + 'a) {
         self.push(
@@ -281,13 +291,35 @@ impl<'a, E> Scope<'a, E> {
         self.push("defer_named", Always(crate::error::named(label.into(), f)));
     }
 
-    /// Runs `f` when the body returned `Ok`.
+    /// Runs `f` when the body returned `Ok` (a commit).
+    ///
+    /// ```
+    /// let committed = std::cell::Cell::new(false);
+    /// custodian::scope(|s| {
+    ///     s.on_success(|| committed.set(true));
+    ///     Ok::<_, std::io::Error>(())
+    /// })?;
+    /// assert!(committed.get());
+    /// # Ok::<(), custodian::ScopeError<std::io::Error>>(())
+    /// ```
     #[track_caller]
     pub fn on_success(&self, f: impl FnOnce() + 'a) {
         self.push("on_success", OnSuccess(f));
     }
 
-    /// Runs `f` with the body's error when the body returned `Err`.
+    /// Runs `f` with the body's error when the body returned `Err` (a rollback that can
+    /// look at what went wrong; Python's `except`).
+    ///
+    /// ```
+    /// let seen = std::cell::RefCell::new(String::new());
+    /// let result = custodian::scope(|s| {
+    ///     s.on_err(|e: &std::io::Error| *seen.borrow_mut() = format!("rolled back: {e}"));
+    ///     std::fs::read("/no/such/input")?;
+    ///     Ok(())
+    /// });
+    /// assert!(result.is_err());
+    /// assert!(seen.borrow().starts_with("rolled back: No such file"));
+    /// ```
     #[track_caller]
     pub fn on_err(&self, f: impl FnOnce(&E) + 'a) {
         self.push("on_err", OnErr(f));

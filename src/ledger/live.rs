@@ -369,6 +369,14 @@ pub struct LeakCheck {
 
 impl LeakCheck {
     /// Starts watching resources acquired on the current thread.
+    ///
+    /// ```
+    /// let check = custodian::ledger::LeakCheck::new();
+    /// let stack = custodian::CleanupStack::new();
+    /// assert_eq!(check.leaked().len(), 1); // alive, acquired since the check started
+    /// drop(stack);
+    /// check.finish().expect("nothing leaked");
+    /// ```
     pub fn new() -> LeakCheck {
         force(1);
         LeakCheck {
@@ -382,13 +390,22 @@ impl LeakCheck {
     ///
     /// Tests that run in parallel in the same process will see each other's resources:
     /// use it in tests that run alone (a separate test binary, or `--test-threads=1`).
+    ///
+    /// ```
+    /// let check = custodian::ledger::LeakCheck::all_threads();
+    /// let leaked = std::thread::spawn(|| std::mem::forget(custodian::CleanupStack::new()));
+    /// leaked.join().unwrap();
+    /// let leaks = check.finish().unwrap_err(); // seen, though acquired on another thread
+    /// assert!(leaks.to_string().contains("custodian::CleanupStack"));
+    /// ```
     pub fn all_threads() -> LeakCheck {
         let mut check = LeakCheck::new();
         check.threads = Threads::All;
         check
     }
 
-    /// Resources acquired since the check started that are still alive.
+    /// Resources acquired since the check started that are still alive (see
+    /// [`new`](Self::new) for an example).
     pub fn leaked(&self) -> Vec<LiveResource> {
         live()
             .into_iter()
@@ -401,6 +418,13 @@ impl LeakCheck {
     }
 
     /// Ends the check.
+    ///
+    /// ```
+    /// let check = custodian::ledger::LeakCheck::new();
+    /// std::mem::forget(custodian::CleanupStack::new()); // a leak, on purpose
+    /// let leaks = check.finish().unwrap_err();
+    /// assert_eq!(leaks.resources()[0].kind(), "custodian::CleanupStack");
+    /// ```
     ///
     /// # Errors
     /// [`Leaks`] listing the kind and acquisition site of every resource acquired while

@@ -481,23 +481,24 @@ impl<E> fmt::Debug for AsyncScope<E> {
 /// the guard goes back to the scope, which closes it at its end.
 ///
 /// ```
-/// use tokio::io::AsyncWriteExt;
+/// use custodian::rt::AsyncGuard;
+/// use std::sync::{Arc, Mutex};
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-/// let addr = listener.local_addr()?;
-/// tokio::spawn(async move {
-///     // A peer that reads the request to its end, then hangs up.
-///     let (mut peer, _) = listener.accept().await?;
-///     tokio::io::AsyncReadExt::read_to_end(&mut peer, &mut Vec::new()).await
-/// });
+/// let flushed = Arc::new(Mutex::new(Vec::new()));
+/// let sink = flushed.clone();
 /// custodian::rt::scope(|s| async move {
-///     let stream = tokio::net::TcpStream::connect(addr).await?;
-///     let mut conn = s.enter(stream); // closed gracefully when the scope ends
-///     conn.write_all(b"hello").await?;
+///     let buffer = AsyncGuard::new(Vec::new(), move |lines: Vec<&str>| async move {
+///         sink.lock().unwrap().extend(lines); // an async flush, at the scope's end
+///         Ok::<_, std::io::Error>(())
+///     });
+///     let mut lines = s.enter(buffer);
+///     lines.push("first");
+///     lines.push("second");
 ///     Ok::<_, std::io::Error>(())
 /// })
 /// .await?;
+/// assert_eq!(*flushed.lock().unwrap(), ["first", "second"]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// # }).unwrap();
 /// ```
