@@ -105,6 +105,8 @@ const RAND_LEN: usize = 6;
 pub struct AtomicFile {
     /// The staged content; `None` only once `commit`, `discard` or `into_inner` took it.
     temp: Option<BufWriter<File>>,
+    /// The configured capacity of the write buffer.
+    buffer: usize,
     /// The directory handle and names that `commit` publishes through.
     stage: Stage,
     target: PathBuf,
@@ -256,7 +258,7 @@ impl AtomicFileBuilder {
     }
 
     fn create_at(&self, target: &Path, site: &'static Location<'static>) -> io::Result<AtomicFile> {
-        let Some(name) = target.file_name() else {
+        let Some((dir, name)) = split_target(target) else {
             return Err(path_error(
                 "cannot rewrite",
                 target,
@@ -270,9 +272,11 @@ impl AtomicFileBuilder {
             remove_stale: self.remove_stale,
             named: self.named,
         };
-        let (file, stage) = Stage::create(target, parent_dir(target), name, &options)?;
+        let (file, stage) = Stage::create(target, dir, name, &options)?;
         Ok(AtomicFile {
-            temp: Some(BufWriter::with_capacity(self.buffer, file)),
+            // The buffer is allocated by the first write that needs it (see `buffered`).
+            temp: Some(BufWriter::with_capacity(0, file)),
+            buffer: self.buffer,
             stage,
             target: target.to_path_buf(),
             sync: self.sync,
@@ -589,6 +593,34 @@ impl AtomicFile {
             None => unreachable!("an AtomicFile's temp file is only taken by consuming it"),
         }
     }
+
+    /// The file itself, for a write of `len` bytes that would go into an empty buffer
+    /// filling at least half of it: copying it there could save at most one `write(2)`
+    /// (std's `BufWriter` writes such a buffer out as soon as the next write of the
+    /// same size does not fit), and costs a copy of `len` bytes.
+    fn direct(&mut self, len: usize) -> Option<&mut File> {
+        let half = self.buffer / 2;
+        let writer = self.writer_mut();
+        if writer.buffer().is_empty() && len >= half {
+            Some(writer.get_mut())
+        } else {
+            None
+        }
+    }
+
+    /// The buffered writer, its buffer allocated on first use: an `AtomicFile` written
+    /// with one large `write_all` never allocates one.
+    fn buffered(&mut self) -> &mut BufWriter<File> {
+        if self.buffer > 0 && self.writer_mut().capacity() == 0 {
+            let Some(writer) = self.temp.take() else {
+                unreachable!("an AtomicFile's temp file is only taken by consuming it")
+            };
+            // A writer without a buffer holds nothing: there is nothing to carry over.
+            let (file, _empty) = writer.into_parts();
+            self.temp = Some(BufWriter::with_capacity(self.buffer, file));
+        }
+        self.writer_mut()
+    }
 }
 
 /// A failed `write`, `write_all`, `write_vectored` (or `seek`) poisons the file: `commit`
@@ -596,18 +628,24 @@ impl AtomicFile {
 impl Write for AtomicFile {
     #[inline]
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let result = self.writer_mut().write(buf);
+        let result = match self.direct(buf.len()) {
+            Some(file) => file.write(buf),
+            None => self.buffered().write(buf),
+        };
         self.poison.check(result)
     }
 
     #[inline]
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        let result = self.writer_mut().write_all(buf);
+        let result = match self.direct(buf.len()) {
+            Some(file) => file.write_all(buf),
+            None => self.buffered().write_all(buf),
+        };
         self.poison.check(result)
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        let result = self.writer_mut().write_vectored(bufs);
+        let result = self.buffered().write_vectored(bufs);
         self.poison.check(result)
     }
 
@@ -784,6 +822,28 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+/// `target`'s directory (as [`parent_dir`]) and file name (as [`Path::file_name`]);
+/// `None` when it has no file name. A path ending in a plain name is split at its last
+/// `/` without parsing its components.
+fn split_target(target: &Path) -> Option<(&Path, &OsStr)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = target.as_os_str().as_bytes();
+        let start = bytes.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
+        let name = &bytes[start..];
+        if !matches!(name, b"" | b"." | b"..") {
+            let dir = match bytes[..start].iter().rposition(|&b| b != b'/') {
+                Some(last) => &bytes[..=last],
+                None if start == 0 => b".",
+                None => b"/",
+            };
+            return Some((Path::new(OsStr::from_bytes(dir)), OsStr::from_bytes(name)));
+        }
+    }
+    Some((parent_dir(target), target.file_name()?))
+}
+
 /// `.<name>.`: the start of every temp file's name for target `name`.
 fn temp_prefix(name: &OsStr) -> OsString {
     let mut prefix = OsString::from(".");
@@ -811,6 +871,31 @@ mod tests {
         let prefix = temp_prefix(OsStr::new(&name));
         assert!(prefix.len() <= MAX_NAME_IN_TEMP + 2);
         assert!(prefix.to_str().is_some());
+    }
+
+    #[test]
+    fn targets_split_as_path_methods_do() {
+        for path in [
+            "a.txt",
+            "/a.txt",
+            "/etc/a.txt",
+            "etc//a.txt",
+            "./a",
+            "../a",
+            "a/b/",
+            "a/b/.",
+            "//a",
+            "a/./b",
+            "/",
+            ".",
+            "..",
+            "a/..",
+            "",
+        ] {
+            let path = Path::new(path);
+            let expected = path.file_name().map(|name| (parent_dir(path), name));
+            assert_eq!(split_target(path), expected, "{}", path.display());
+        }
     }
 
     #[test]
