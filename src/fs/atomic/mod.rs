@@ -594,24 +594,12 @@ impl AtomicFile {
         }
     }
 
-    /// The file itself, for a write of `len` bytes that would go into an empty buffer
-    /// filling at least half of it: copying it there could save at most one `write(2)`
-    /// (std's `BufWriter` writes such a buffer out as soon as the next write of the
-    /// same size does not fit), and costs a copy of `len` bytes.
-    fn direct(&mut self, len: usize) -> Option<&mut File> {
-        let half = self.buffer / 2;
-        let writer = self.writer_mut();
-        if writer.buffer().is_empty() && len >= half {
-            Some(writer.get_mut())
-        } else {
-            None
-        }
-    }
-
-    /// The buffered writer, its buffer allocated on first use: an `AtomicFile` written
-    /// with one large `write_all` never allocates one.
-    fn buffered(&mut self) -> &mut BufWriter<File> {
-        if self.buffer > 0 && self.writer_mut().capacity() == 0 {
+    /// The writer for a write of `len` bytes, its buffer allocated by the first write
+    /// that goes into it: one smaller than the buffer. Larger ones go straight to the file
+    /// as `BufWriter` sends them, so an `AtomicFile` written in large pieces never
+    /// allocates a buffer.
+    fn writer_for(&mut self, len: usize) -> &mut BufWriter<File> {
+        if len < self.buffer && self.writer_mut().capacity() == 0 {
             let Some(writer) = self.temp.take() else {
                 unreachable!("an AtomicFile's temp file is only taken by consuming it")
             };
@@ -628,24 +616,19 @@ impl AtomicFile {
 impl Write for AtomicFile {
     #[inline]
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let result = match self.direct(buf.len()) {
-            Some(file) => file.write(buf),
-            None => self.buffered().write(buf),
-        };
+        let result = self.writer_for(buf.len()).write(buf);
         self.poison.check(result)
     }
 
     #[inline]
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        let result = match self.direct(buf.len()) {
-            Some(file) => file.write_all(buf),
-            None => self.buffered().write_all(buf),
-        };
+        let result = self.writer_for(buf.len()).write_all(buf);
         self.poison.check(result)
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        let result = self.buffered().write_vectored(bufs);
+        let len = bufs.iter().map(|b| b.len()).sum();
+        let result = self.writer_for(len).write_vectored(bufs);
         self.poison.check(result)
     }
 
