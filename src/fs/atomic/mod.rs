@@ -829,7 +829,8 @@ fn split_target(target: &Path) -> Option<(&Path, &OsStr)> {
 
 /// `.<name>.`: the start of every temp file's name for target `name`.
 fn temp_prefix(name: &OsStr) -> OsString {
-    let mut prefix = OsString::from(".");
+    let mut prefix = OsString::with_capacity(2 + name.len().min(MAX_NAME_IN_TEMP));
+    prefix.push(".");
     if name.len() <= MAX_NAME_IN_TEMP {
         prefix.push(name);
     } else {

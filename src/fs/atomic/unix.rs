@@ -6,7 +6,7 @@
 //! named temp file is used, and temp files of crashed writers are looked for once per
 //! target and process.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, Permissions};
 use std::hash::{BuildHasher, RandomState};
@@ -94,7 +94,8 @@ impl Stage {
                 }
                 let (fd, temp_name) = create_named(staging_fd, &prefix, create_mode)
                     .map_err(|e| path_error("cannot create a temp file in", staging_path, e))?;
-                named = Some((temp_name.clone(), staging_path.join(temp_name)));
+                let path = join(staging_path, &temp_name);
+                named = Some((temp_name, path));
                 fd
             }
         };
@@ -227,7 +228,7 @@ impl Stage {
                 Some(staging) => staging.as_path(),
                 None => super::parent_dir(target),
             };
-            let path = staging_path.join(&link_name);
+            let path = join(staging_path, &link_name);
             self.named = Some((link_name, path));
         }
         published
@@ -388,7 +389,6 @@ fn link(_file: &File, _dir: &OwnedFd, _name: &OsStr) -> rustix::io::Result<()> {
 }
 
 /// Writes `n` in decimal at the start of `out`; returns the length.
-#[cfg(any(target_os = "linux", target_os = "android"))]
 fn write_decimal(out: &mut [u8], mut n: u32) -> usize {
     let mut digits = [0u8; 10];
     let mut len = 0;
@@ -523,10 +523,23 @@ fn random_name(prefix: &OsStr) -> OsString {
         *b = ALPHANUMERIC[(x % 62) as usize];
         x /= 62;
     }
-    let mut name = prefix.to_os_string();
+    let mut pid = [0u8; 10];
+    let pid_len = write_decimal(&mut pid, std::process::id());
+    let mut name = OsString::with_capacity(prefix.len() + RAND_LEN + pid_len + 5);
+    name.push(prefix);
     name.push(OsStr::from_bytes(&random));
-    name.push(format!(".{}.tmp", std::process::id()));
+    name.push(".");
+    name.push(OsStr::from_bytes(&pid[..pid_len]));
+    name.push(".tmp");
     name
+}
+
+/// `dir/name`, allocated once.
+fn join(dir: &Path, name: &OsStr) -> PathBuf {
+    let mut path = PathBuf::with_capacity(dir.as_os_str().len() + 1 + name.len());
+    path.push(dir);
+    path.push(name);
+    path
 }
 
 /// Creates a new named temp file in `dir`.
@@ -546,22 +559,25 @@ fn create_named(dir: &OwnedFd, prefix: &OsStr, mode: Mode) -> io::Result<(OwnedF
 /// directory (and notes that it now does). At most 4096 targets are remembered; past
 /// that the memory starts over, which only costs a second look.
 fn first_look(dir: &OwnedFd, prefix: &OsStr) -> bool {
-    static SEEN: Mutex<Option<HashSet<(u64, u64, OsString)>>> = Mutex::new(None);
+    /// Target name prefixes seen, by directory (device, inode); and how many in all.
+    type Seen = (HashMap<(u64, u64), HashSet<OsString>>, usize);
+    static SEEN: Mutex<Option<Seen>> = Mutex::new(None);
     let Ok(stat) = rustix::fs::fstat(dir) else {
         return true;
     };
     #[allow(clippy::unnecessary_cast)] // `st_dev` and `st_ino` are not `u64` everywhere
-    let key = (
-        stat.st_dev as u64,
-        stat.st_ino as u64,
-        prefix.to_os_string(),
-    );
+    let dir = (stat.st_dev as u64, stat.st_ino as u64);
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    let seen = seen.get_or_insert_with(HashSet::new);
-    if seen.len() >= 4096 {
-        seen.clear();
+    let (by_dir, count) = seen.get_or_insert_with(Default::default);
+    if by_dir.get(&dir).is_some_and(|names| names.contains(prefix)) {
+        return false; // the common case: no allocation
     }
-    seen.insert(key)
+    if *count >= 4096 {
+        by_dir.clear();
+        *count = 0;
+    }
+    *count += 1;
+    by_dir.entry(dir).or_default().insert(prefix.to_os_string())
 }
 
 /// Removes named temp files for the same target whose writer is gone: no process with
@@ -667,7 +683,6 @@ mod tests {
         assert_ne!(name, random_name(&prefix));
     }
 
-    #[cfg(any(target_os = "linux", target_os = "android"))]
     #[test]
     fn decimals() {
         let mut out = [0u8; 10];
