@@ -429,6 +429,8 @@ struct PublishName {
 }
 
 /// The name the staged file was linked under: the publish name, or a random one.
+// A local of `publish_unnamed` only: the inline buffer is what spares the allocation.
+#[allow(clippy::large_enum_variant)]
 enum LinkName {
     Publish(PublishName),
     Random(OsString),
