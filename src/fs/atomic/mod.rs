@@ -203,7 +203,9 @@ impl AtomicFileBuilder {
         self
     }
 
-    /// The capacity of the write buffer (default 8 KiB; 0 writes straight through).
+    /// The capacity of the write buffer (default 8 KiB; 0 writes straight through). As
+    /// with `std::io::BufWriter`, a write at least this large goes straight to the file;
+    /// the buffer is only allocated by the first write smaller than it.
     pub fn buffer_capacity(mut self, bytes: usize) -> Self {
         self.buffer = bytes;
         self
