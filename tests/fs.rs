@@ -461,6 +461,37 @@ fn atomic_without_sync_still_replaces() {
 }
 
 #[test]
+fn atomic_writes_smaller_than_the_buffer_wait_for_the_flush_larger_ones_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.bin");
+    let staged_len = |file: &AtomicFile| {
+        fs::metadata(file.temp_path().expect("a named temp file"))
+            .unwrap()
+            .len()
+    };
+    let mut file = AtomicFile::builder()
+        .named_temp_file(true)
+        .buffer_capacity(1024)
+        .create(&path)
+        .unwrap();
+    file.write_all(&[b'a'; 1500]).unwrap(); // larger than the buffer: straight through
+    assert_eq!(staged_len(&file), 1500);
+    file.write_all(&[b'b'; 1000]).unwrap(); // smaller: buffered
+    file.write_all(&[b'c'; 20]).unwrap();
+    assert_eq!(staged_len(&file), 1500);
+    file.write_all(&[b'd'; 2000]).unwrap(); // the buffer first, then this one
+    assert_eq!(staged_len(&file), 4520);
+    file.write_all(b"tail").unwrap();
+    file.commit().unwrap();
+    let mut expected = vec![b'a'; 1500];
+    expected.extend([b'b'; 1000]);
+    expected.extend([b'c'; 20]);
+    expected.extend([b'd'; 2000]);
+    expected.extend(b"tail");
+    assert_eq!(fs::read(&path).unwrap(), expected);
+}
+
+#[test]
 fn atomic_close_commits_through_a_cleanup_stack() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a");

@@ -105,6 +105,8 @@ const RAND_LEN: usize = 6;
 pub struct AtomicFile {
     /// The staged content; `None` only once `commit`, `discard` or `into_inner` took it.
     temp: Option<BufWriter<File>>,
+    /// The configured capacity of the write buffer.
+    buffer: usize,
     /// The directory handle and names that `commit` publishes through.
     stage: Stage,
     target: PathBuf,
@@ -201,7 +203,9 @@ impl AtomicFileBuilder {
         self
     }
 
-    /// The capacity of the write buffer (default 8 KiB; 0 writes straight through).
+    /// The capacity of the write buffer (default 8 KiB; 0 writes straight through). As
+    /// with `std::io::BufWriter`, a write at least this large goes straight to the file;
+    /// the buffer is only allocated by the first write smaller than it.
     pub fn buffer_capacity(mut self, bytes: usize) -> Self {
         self.buffer = bytes;
         self
@@ -256,7 +260,7 @@ impl AtomicFileBuilder {
     }
 
     fn create_at(&self, target: &Path, site: &'static Location<'static>) -> io::Result<AtomicFile> {
-        let Some(name) = target.file_name() else {
+        let Some((dir, name)) = split_target(target) else {
             return Err(path_error(
                 "cannot rewrite",
                 target,
@@ -270,9 +274,11 @@ impl AtomicFileBuilder {
             remove_stale: self.remove_stale,
             named: self.named,
         };
-        let (file, stage) = Stage::create(target, parent_dir(target), name, &options)?;
+        let (file, stage) = Stage::create(target, dir, name, &options)?;
         Ok(AtomicFile {
-            temp: Some(BufWriter::with_capacity(self.buffer, file)),
+            // The buffer is allocated by the first write that needs it (see `buffered`).
+            temp: Some(BufWriter::with_capacity(0, file)),
+            buffer: self.buffer,
             stage,
             target: target.to_path_buf(),
             sync: self.sync,
@@ -589,6 +595,22 @@ impl AtomicFile {
             None => unreachable!("an AtomicFile's temp file is only taken by consuming it"),
         }
     }
+
+    /// The writer for a write of `len` bytes, its buffer allocated by the first write
+    /// that goes into it: one smaller than the buffer. Larger ones go straight to the file
+    /// as `BufWriter` sends them, so an `AtomicFile` written in large pieces never
+    /// allocates a buffer.
+    fn writer_for(&mut self, len: usize) -> &mut BufWriter<File> {
+        if len < self.buffer && self.writer_mut().capacity() == 0 {
+            let Some(writer) = self.temp.take() else {
+                unreachable!("an AtomicFile's temp file is only taken by consuming it")
+            };
+            // A writer without a buffer holds nothing: there is nothing to carry over.
+            let (file, _empty) = writer.into_parts();
+            self.temp = Some(BufWriter::with_capacity(self.buffer, file));
+        }
+        self.writer_mut()
+    }
 }
 
 /// A failed `write`, `write_all`, `write_vectored` (or `seek`) poisons the file: `commit`
@@ -596,18 +618,19 @@ impl AtomicFile {
 impl Write for AtomicFile {
     #[inline]
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let result = self.writer_mut().write(buf);
+        let result = self.writer_for(buf.len()).write(buf);
         self.poison.check(result)
     }
 
     #[inline]
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        let result = self.writer_mut().write_all(buf);
+        let result = self.writer_for(buf.len()).write_all(buf);
         self.poison.check(result)
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        let result = self.writer_mut().write_vectored(bufs);
+        let len = bufs.iter().map(|b| b.len()).sum();
+        let result = self.writer_for(len).write_vectored(bufs);
         self.poison.check(result)
     }
 
@@ -784,9 +807,32 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+/// `target`'s directory (as [`parent_dir`]) and file name (as [`Path::file_name`]);
+/// `None` when it has no file name. A path ending in a plain name is split at its last
+/// `/` without parsing its components.
+fn split_target(target: &Path) -> Option<(&Path, &OsStr)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = target.as_os_str().as_bytes();
+        let start = bytes.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
+        let name = &bytes[start..];
+        if !matches!(name, b"" | b"." | b"..") {
+            let dir = match bytes[..start].iter().rposition(|&b| b != b'/') {
+                Some(last) => &bytes[..=last],
+                None if start == 0 => b".",
+                None => b"/",
+            };
+            return Some((Path::new(OsStr::from_bytes(dir)), OsStr::from_bytes(name)));
+        }
+    }
+    Some((parent_dir(target), target.file_name()?))
+}
+
 /// `.<name>.`: the start of every temp file's name for target `name`.
 fn temp_prefix(name: &OsStr) -> OsString {
-    let mut prefix = OsString::from(".");
+    let mut prefix = OsString::with_capacity(2 + name.len().min(MAX_NAME_IN_TEMP));
+    prefix.push(".");
     if name.len() <= MAX_NAME_IN_TEMP {
         prefix.push(name);
     } else {
@@ -811,6 +857,31 @@ mod tests {
         let prefix = temp_prefix(OsStr::new(&name));
         assert!(prefix.len() <= MAX_NAME_IN_TEMP + 2);
         assert!(prefix.to_str().is_some());
+    }
+
+    #[test]
+    fn targets_split_as_path_methods_do() {
+        for path in [
+            "a.txt",
+            "/a.txt",
+            "/etc/a.txt",
+            "etc//a.txt",
+            "./a",
+            "../a",
+            "a/b/",
+            "a/b/.",
+            "//a",
+            "a/./b",
+            "/",
+            ".",
+            "..",
+            "a/..",
+            "",
+        ] {
+            let path = Path::new(path);
+            let expected = path.file_name().map(|name| (parent_dir(path), name));
+            assert_eq!(split_target(path), expected, "{}", path.display());
+        }
     }
 
     #[test]

@@ -6,11 +6,12 @@
 //! named temp file is used, and temp files of crashed writers are looked for once per
 //! target and process.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, Permissions};
 use std::hash::{BuildHasher, RandomState};
 use std::io;
+use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -47,8 +48,9 @@ pub(super) struct Stage {
     dir: OwnedFd,
     /// The staging directory when it is not `dir` ([`temp_dir`](super::AtomicFileBuilder::temp_dir)).
     staging: Option<OwnedFd>,
-    /// The target's name in `dir`.
-    name: OsString,
+    /// Where the target's name is in its path (the `target` that `publish` gets): no copy
+    /// of the name is kept.
+    name: Range<usize>,
     /// The temp file's name and path, for a named temp file (or an unnamed one linked
     /// by a commit that did not complete); `None` for an unnamed one.
     named: Option<(OsString, PathBuf)>,
@@ -92,7 +94,8 @@ impl Stage {
                 }
                 let (fd, temp_name) = create_named(staging_fd, &prefix, create_mode)
                     .map_err(|e| path_error("cannot create a temp file in", staging_path, e))?;
-                named = Some((temp_name.clone(), staging_path.join(temp_name)));
+                let path = join(staging_path, &temp_name);
+                named = Some((temp_name, path));
                 fd
             }
         };
@@ -103,10 +106,17 @@ impl Stage {
             // never blocks.
             let _ = file.try_lock();
         }
+        // `name` is a part of `target` (`split_target`): where it starts.
+        let target_bytes = target.as_os_str().as_bytes();
+        let start = name.as_bytes().as_ptr() as usize - target_bytes.as_ptr() as usize;
+        debug_assert_eq!(
+            target_bytes.get(start..start + name.len()),
+            Some(name.as_bytes())
+        );
         let stage = Stage {
             dir,
             staging,
-            name: name.to_os_string(),
+            name: start..start + name.len(),
             named,
             staging_path: options.temp_dir.map(Path::to_path_buf),
             existed,
@@ -146,27 +156,14 @@ impl Stage {
         target: &Path,
         sync: bool,
     ) -> Result<(), Publish> {
-        if self.named.is_none() {
-            return self.publish_unnamed(file, target, sync);
-        }
+        let name = OsStr::from_bytes(&target.as_os_str().as_bytes()[self.name.clone()]);
+        let Some((temp_name, _)) = &self.named else {
+            return self.publish_unnamed(file, target, name, sync);
+        };
         if sync {
             file.sync_all().map_err(Publish::Sync)?;
         }
-        self.rename(target)
-    }
-
-    /// Renames the named temp file over the target.
-    fn rename(&mut self, target: &Path) -> Result<(), Publish> {
-        let Some((temp_name, _)) = &self.named else {
-            unreachable!("only a named temp file is renamed")
-        };
-        rustix::fs::renameat(self.staging(), temp_name, &self.dir, &self.name).map_err(|e| {
-            Publish::Rename(path_error(
-                "cannot rename the new content over",
-                target,
-                e.into(),
-            ))
-        })?;
+        rename(self.staging(), temp_name, &self.dir, name, target)?;
         self.named = None; // it is the target now
         Ok(())
     }
@@ -181,8 +178,15 @@ impl Stage {
     /// atomic-write-file does. From the link on, the file is a named
     /// temp file, locked (`flock`) so that another writer of the same target finding it
     /// there knows it is in use; a writer killed in between leaves it unlocked, and the
-    /// next commit of the same target removes it.
-    fn publish_unnamed(&mut self, file: &File, target: &Path, sync: bool) -> Result<(), Publish> {
+    /// next commit of the same target removes it. The publish name is built on the stack
+    /// and only copied into `named` if the commit fails after the link.
+    fn publish_unnamed(
+        &mut self,
+        file: &File,
+        target: &Path,
+        name: &OsStr,
+        sync: bool,
+    ) -> Result<(), Publish> {
         let linked = |e: Errno| {
             Publish::Rename(path_error(
                 "cannot link the new content of",
@@ -191,7 +195,7 @@ impl Stage {
             ))
         };
         if !sync && !self.existed {
-            match link(file, &self.dir, &self.name) {
+            match link(file, &self.dir, name) {
                 Ok(()) => return Ok(()),
                 Err(Errno::EXIST) => {} // created meanwhile: replace it
                 Err(e) => return Err(linked(e)),
@@ -206,25 +210,28 @@ impl Stage {
         // Never blocks: nobody else has this file open.
         let _ = file.try_lock();
         let staging = self.staging.as_ref().unwrap_or(&self.dir);
-        let link_name = link_publish(file, staging, &self.name).map_err(|e| {
+        let link_name = link_publish(file, staging, name).map_err(|e| {
             Publish::Rename(path_error("cannot link the new content of", target, e))
         })?;
-        // Its path is only needed if the commit fails (`temp_path`): made then.
-        self.named = Some((link_name, PathBuf::new()));
-        if sync {
+        let published = if sync {
             // Some file systems (btrfs) ignore the `fsync` of a file with no name: once more
             // now that it has one. Cheap where the first one counted.
-            file.sync_data().map_err(Publish::Sync)?;
+            file.sync_data().map_err(Publish::Sync)
+        } else {
+            Ok(())
         }
-        self.rename(target).inspect_err(|_| {
-            if let Some((name, path)) = &mut self.named {
-                let staging_path = match &self.staging_path {
-                    Some(staging) => staging.as_path(),
-                    None => super::parent_dir(target),
-                };
-                *path = staging_path.join(name);
-            }
-        })
+        .and_then(|()| rename(staging, link_name.as_os_str(), &self.dir, name, target));
+        if published.is_err() {
+            // A named temp file from now on, removed by `discard` (its path for `temp_path`).
+            let link_name = link_name.as_os_str().to_os_string();
+            let staging_path = match &self.staging_path {
+                Some(staging) => staging.as_path(),
+                None => super::parent_dir(target),
+            };
+            let path = join(staging_path, &link_name);
+            self.named = Some((link_name, path));
+        }
+        published
     }
 
     /// `fsync`s the target's directory, so that the rename survives a power loss.
@@ -242,6 +249,23 @@ impl Stage {
             None => Ok(()),
         }
     }
+}
+
+/// Renames `from` in `staging` over `name` in `dir`, the error naming the target.
+fn rename(
+    staging: &OwnedFd,
+    from: &OsStr,
+    dir: &OwnedFd,
+    name: &OsStr,
+    target: &Path,
+) -> Result<(), Publish> {
+    rustix::fs::renameat(staging, from, dir, name).map_err(|e| {
+        Publish::Rename(path_error(
+            "cannot rename the new content over",
+            target,
+            e.into(),
+        ))
+    })
 }
 
 /// Why [`Stage::publish`] failed.
@@ -365,7 +389,6 @@ fn link(_file: &File, _dir: &OwnedFd, _name: &OsStr) -> rustix::io::Result<()> {
 }
 
 /// Writes `n` in decimal at the start of `out`; returns the length.
-#[cfg(any(target_os = "linux", target_os = "android"))]
 fn write_decimal(out: &mut [u8], mut n: u32) -> usize {
     let mut digits = [0u8; 10];
     let mut len = 0;
@@ -384,32 +407,58 @@ fn write_decimal(out: &mut [u8], mut n: u32) -> usize {
 }
 
 /// `.<name>.custodian.tmp`, the name the staged file has between `linkat` and
-/// `renameat`; `None` when that would be longer than a file name may be.
-fn publish_name(name: &OsStr) -> Option<OsString> {
-    const SUFFIX: &str = ".custodian.tmp";
-    if 1 + name.len() + SUFFIX.len() > 255 {
+/// `renameat`, built on the stack; `None` when that would be longer than a file name may
+/// be.
+fn publish_name(name: &OsStr) -> Option<PublishName> {
+    const SUFFIX: &[u8] = b".custodian.tmp";
+    let len = 1 + name.len() + SUFFIX.len();
+    if len > 255 {
         return None;
     }
-    let mut out = OsString::with_capacity(1 + name.len() + SUFFIX.len());
-    out.push(".");
-    out.push(name);
-    out.push(SUFFIX);
-    Some(out)
+    let mut buf = [0; 255];
+    buf[0] = b'.';
+    buf[1..=name.len()].copy_from_slice(name.as_bytes());
+    buf[1 + name.len()..len].copy_from_slice(SUFFIX);
+    Some(PublishName { buf, len })
+}
+
+/// A file name of at most 255 bytes, without allocating.
+struct PublishName {
+    buf: [u8; 255],
+    len: usize,
+}
+
+/// The name the staged file was linked under: the publish name, or a random one.
+// A local of `publish_unnamed` only: the inline buffer is what spares the allocation.
+#[allow(clippy::large_enum_variant)]
+enum LinkName {
+    Publish(PublishName),
+    Random(OsString),
+}
+
+impl LinkName {
+    fn as_os_str(&self) -> &OsStr {
+        match self {
+            LinkName::Publish(name) => OsStr::from_bytes(&name.buf[..name.len]),
+            LinkName::Random(name) => name,
+        }
+    }
 }
 
 /// Links `file` (locked) into `dir` under the publish name `.<name>.custodian.tmp`; a
 /// file left there by a writer killed while publishing (unlocked) is removed first. Under
 /// a random named-temp-file name instead when the publish name is in use by a live
 /// writer, is not a regular file, or would be too long.
-fn link_publish(file: &File, dir: &OwnedFd, target_name: &OsStr) -> io::Result<OsString> {
+fn link_publish(file: &File, dir: &OwnedFd, target_name: &OsStr) -> io::Result<LinkName> {
     if let Some(publish_name) = publish_name(target_name) {
+        let publish_name = LinkName::Publish(publish_name);
         for _ in 0..4 {
-            match link(file, dir, &publish_name) {
+            match link(file, dir, publish_name.as_os_str()) {
                 Ok(()) => return Ok(publish_name),
                 Err(Errno::EXIST) => {}
                 Err(e) => return Err(e.into()),
             }
-            if !remove_unfinished(dir, &publish_name)? {
+            if !remove_unfinished(dir, publish_name.as_os_str())? {
                 break;
             }
         }
@@ -418,7 +467,7 @@ fn link_publish(file: &File, dir: &OwnedFd, target_name: &OsStr) -> io::Result<O
     loop {
         let name = random_name(&prefix);
         match link(file, dir, &name) {
-            Ok(()) => return Ok(name),
+            Ok(()) => return Ok(LinkName::Random(name)),
             Err(Errno::EXIST) => continue,
             Err(e) => return Err(e.into()),
         }
@@ -476,10 +525,23 @@ fn random_name(prefix: &OsStr) -> OsString {
         *b = ALPHANUMERIC[(x % 62) as usize];
         x /= 62;
     }
-    let mut name = prefix.to_os_string();
+    let mut pid = [0u8; 10];
+    let pid_len = write_decimal(&mut pid, std::process::id());
+    let mut name = OsString::with_capacity(prefix.len() + RAND_LEN + pid_len + 5);
+    name.push(prefix);
     name.push(OsStr::from_bytes(&random));
-    name.push(format!(".{}.tmp", std::process::id()));
+    name.push(".");
+    name.push(OsStr::from_bytes(&pid[..pid_len]));
+    name.push(".tmp");
     name
+}
+
+/// `dir/name`, allocated once.
+fn join(dir: &Path, name: &OsStr) -> PathBuf {
+    let mut path = PathBuf::with_capacity(dir.as_os_str().len() + 1 + name.len());
+    path.push(dir);
+    path.push(name);
+    path
 }
 
 /// Creates a new named temp file in `dir`.
@@ -499,22 +561,25 @@ fn create_named(dir: &OwnedFd, prefix: &OsStr, mode: Mode) -> io::Result<(OwnedF
 /// directory (and notes that it now does). At most 4096 targets are remembered; past
 /// that the memory starts over, which only costs a second look.
 fn first_look(dir: &OwnedFd, prefix: &OsStr) -> bool {
-    static SEEN: Mutex<Option<HashSet<(u64, u64, OsString)>>> = Mutex::new(None);
+    /// Target name prefixes seen, by directory (device, inode); and how many in all.
+    type Seen = (HashMap<(u64, u64), HashSet<OsString>>, usize);
+    static SEEN: Mutex<Option<Seen>> = Mutex::new(None);
     let Ok(stat) = rustix::fs::fstat(dir) else {
         return true;
     };
     #[allow(clippy::unnecessary_cast)] // `st_dev` and `st_ino` are not `u64` everywhere
-    let key = (
-        stat.st_dev as u64,
-        stat.st_ino as u64,
-        prefix.to_os_string(),
-    );
+    let dir = (stat.st_dev as u64, stat.st_ino as u64);
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    let seen = seen.get_or_insert_with(HashSet::new);
-    if seen.len() >= 4096 {
-        seen.clear();
+    let (by_dir, count) = seen.get_or_insert_with(Default::default);
+    if by_dir.get(&dir).is_some_and(|names| names.contains(prefix)) {
+        return false; // the common case: no allocation
     }
-    seen.insert(key)
+    if *count >= 4096 {
+        by_dir.clear();
+        *count = 0;
+    }
+    *count += 1;
+    by_dir.entry(dir).or_default().insert(prefix.to_os_string())
 }
 
 /// Removes named temp files for the same target whose writer is gone: no process with
@@ -606,10 +671,8 @@ mod tests {
 
     #[test]
     fn publish_names_fit_or_are_refused() {
-        assert_eq!(
-            publish_name(OsStr::new("app.toml")).unwrap(),
-            ".app.toml.custodian.tmp"
-        );
+        let name = LinkName::Publish(publish_name(OsStr::new("app.toml")).unwrap());
+        assert_eq!(name.as_os_str(), ".app.toml.custodian.tmp");
         assert!(publish_name(OsStr::new(&"a".repeat(240))).is_some());
         assert!(publish_name(OsStr::new(&"a".repeat(241))).is_none());
     }
@@ -622,7 +685,6 @@ mod tests {
         assert_ne!(name, random_name(&prefix));
     }
 
-    #[cfg(any(target_os = "linux", target_os = "android"))]
     #[test]
     fn decimals() {
         let mut out = [0u8; 10];
