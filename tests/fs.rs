@@ -417,6 +417,27 @@ fn atomic_failed_rename_gives_the_file_back_intact() {
 }
 
 #[test]
+fn atomic_does_not_keep_setuid_or_setgid_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("tool");
+    fs::write(&target, "old").unwrap();
+    chmod(&target, 0o6755);
+    let mut file = AtomicFile::create(&target).unwrap();
+    file.write_all(b"new").unwrap();
+    file.commit().unwrap();
+    assert_eq!(
+        mode_of(&target) & 0o7777,
+        0o755,
+        "setuid/setgid dropped, the rest kept"
+    );
+
+    fs::set_permissions(&target, Permissions::from_mode(0o1755)).unwrap();
+    let file = AtomicFile::create(&target).unwrap();
+    file.commit().unwrap();
+    assert_eq!(mode_of(&target) & 0o7777, 0o1755, "the sticky bit is kept");
+}
+
+#[test]
 fn atomic_permissions_kept_defaulted_or_chosen() {
     let dir = tempfile::tempdir().unwrap();
     let kept = dir.path().join("kept");

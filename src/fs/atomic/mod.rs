@@ -75,7 +75,9 @@ const RAND_LEN: usize = 6;
 /// # Permissions
 /// The new file gets the old file's permission bits when the target exists (see
 /// [`AtomicFileBuilder::keep_permissions`]), `0o600` otherwise, or what
-/// [`AtomicFileBuilder::permissions`] says. The owner is the writing process's user.
+/// [`AtomicFileBuilder::permissions`] says. The owner is the writing process's user, so
+/// the setuid and setgid bits are not kept (they would grant the writer's privileges);
+/// the sticky bit is.
 ///
 /// # Symbolic links
 /// The temp file is created in the directory that the target's parent path resolves to
@@ -88,11 +90,12 @@ const RAND_LEN: usize = 6;
 ///
 /// # Crashes
 /// With an unnamed temp file (Linux), a writer killed before `commit` leaves nothing. One
-/// killed *during* `commit`, between linking the new file into the directory and renaming
-/// it over the target (for a durable commit this includes the file's `fsync`, which
-/// must follow the link on some file systems), leaves the complete new content as
-/// `.<target name>.custodian.tmp`; the next commit of the same target removes it, without
-/// listing the directory.
+/// killed *during* `commit`, in the microseconds between linking the new (already
+/// `fsync`ed) file into the directory and renaming it over the target, leaves the
+/// complete new content as `.<target name>.custodian.tmp`; the next durable commit of the
+/// same target, or of a target that already exists, removes it without listing the
+/// directory (a `sync(false)` commit of a new target links straight to its name and does
+/// not look).
 ///
 /// A named temp file (other systems, file systems without unnamed files, or
 /// [`AtomicFileBuilder::named_temp_file`]) is called `.<target name>.<random>.<pid>.tmp`,

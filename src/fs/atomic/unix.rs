@@ -277,6 +277,12 @@ pub(super) enum Publish {
     Rename(io::Error),
 }
 
+/// The mode bits a rewrite keeps: permissions and the sticky bit, not setuid/setgid. The
+/// new file belongs to the writing user, so a kept setuid bit would hand the old owner's
+/// privilege to the writer's (root rewriting a 4755 file of `games` would make it
+/// setuid-root), as `install` and editors that write a new file also drop them.
+const KEPT_BITS: u32 = 0o1777;
+
 /// Whether the target existed, and the permission bits the new file gets; fails if the
 /// target is a directory.
 fn mode_for(
@@ -304,8 +310,8 @@ fn mode_for(
     let mode = match (&stat, file_type) {
         (Some(_), Some(FileType::Symlink)) => rustix::fs::statat(dir, name, AtFlags::empty())
             .ok()
-            .map(|s| Permissions::from_mode(s.st_mode & 0o7777)),
-        (Some(stat), _) => Some(Permissions::from_mode(stat.st_mode & 0o7777)),
+            .map(|s| Permissions::from_mode(s.st_mode & KEPT_BITS)),
+        (Some(stat), _) => Some(Permissions::from_mode(stat.st_mode & KEPT_BITS)),
         (None, _) => None,
     };
     Ok((stat.is_some(), mode))
