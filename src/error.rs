@@ -318,6 +318,48 @@ pub(crate) fn named<'a, Er: Into<BoxError>>(
     }
 }
 
+/// An async labelled cleanup: its error or a panic while it is polled comes out as a
+/// [`Named`] error (the async twin of [`named`]).
+#[cfg(feature = "tokio")]
+pub(crate) struct NamedFuture {
+    label: Option<Cow<'static, str>>,
+    fut: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send>>,
+}
+
+#[cfg(feature = "tokio")]
+impl NamedFuture {
+    pub(crate) fn new(
+        label: Cow<'static, str>,
+        fut: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send>>,
+    ) -> NamedFuture {
+        NamedFuture {
+            label: Some(label),
+            fut,
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl std::future::Future for NamedFuture {
+    type Output = Result<(), BoxError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = &mut *self; // Unpin: the future inside is boxed
+        let cause = match panic::catch_unwind(AssertUnwindSafe(|| this.fut.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(Ok(()))) => return Poll::Ready(Ok(())),
+            Ok(Poll::Ready(Err(e))) => Cause::Failed(e),
+            Err(payload) => Cause::Panicked(panic_message(payload)),
+        };
+        let label = this.label.take().unwrap_or(Cow::Borrowed("defer_named"));
+        Poll::Ready(Err(Box::new(Named { label, cause })))
+    }
+}
+
 impl CleanupError {
     /// The failure of a `defer_named` cleanup under its own label; others unchanged.
     #[cold]

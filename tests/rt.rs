@@ -1005,3 +1005,34 @@ fn a_cleanup_that_panics_in_close_counts_a_failure_not_a_clean_release() {
     let c = counts("test::panics_in_close", &before);
     assert_eq!((c.acquired, c.released, c.failed), (1, 1, 1), "{c:?}");
 }
+
+#[test]
+fn named_async_cleanups_keep_their_label_when_they_fail_or_panic() {
+    common::current_thread().block_on(async {
+        let mut stack = AsyncCleanupStack::new();
+        stack.defer_named("log out session 7", async {
+            Err::<(), _>(io::Error::other("server gone"))
+        });
+        stack.defer_named(String::from("flush the cache"), async {
+            if true {
+                panic!("cache gone");
+            }
+            Ok::<(), io::Error>(())
+        });
+        let errors = stack.close().await.unwrap_err();
+        let got: Vec<(String, String)> = errors
+            .iter()
+            .map(|e| (e.label().to_owned(), e.cause().to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "flush the cache".to_owned(),
+                    "panicked: cache gone".to_owned()
+                ),
+                ("log out session 7".to_owned(), "server gone".to_owned()),
+            ]
+        );
+    });
+}

@@ -45,9 +45,10 @@ impl Entry {
         match catch_unwind(AssertUnwindSafe(|| self.fut.get_mut().as_mut().poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
-            Ok(Poll::Ready(Err(e))) => {
-                Poll::Ready(Err(CleanupError::failed(self.label, self.site, e)))
-            }
+            Ok(Poll::Ready(Err(e))) => Poll::Ready(Err(CleanupError::failed(
+                self.label, self.site, e,
+            )
+            .unwrap_named())),
             Err(payload) => {
                 Poll::Ready(Err(CleanupError::panicked(self.label, self.site, payload)))
             }
@@ -219,6 +220,41 @@ impl AsyncCleanupStack {
         self.push_entry(
             "defer",
             Box::pin(async move { cleanup.await.map_err(Into::into) }),
+        );
+    }
+
+    /// Pushes a cleanup that can fail, with a label of your choosing (a `String` made in a
+    /// loop, say) shown in its [`CleanupError`] and events instead of `defer`, whether it
+    /// fails or panics.
+    ///
+    /// ```
+    /// use custodian::rt::AsyncCleanupStack;
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let mut stack = AsyncCleanupStack::new();
+    /// for session in [1, 2] {
+    ///     stack.defer_named(format!("log out session {session}"), async move {
+    ///         Err::<(), _>(std::io::Error::other("server gone"))
+    ///     });
+    /// }
+    /// let errors = stack.close().await.unwrap_err();
+    /// let labels: Vec<&str> = errors.iter().map(|e| e.label()).collect();
+    /// assert_eq!(labels, ["log out session 2", "log out session 1"]);
+    /// # });
+    /// ```
+    #[track_caller]
+    pub fn defer_named<E>(
+        &mut self,
+        label: impl Into<std::borrow::Cow<'static, str>>,
+        cleanup: impl Future<Output = Result<(), E>> + Send + 'static,
+    ) where
+        E: Into<BoxError>,
+    {
+        let fut: BoxFuture<Result<(), BoxError>> =
+            Box::pin(async move { cleanup.await.map_err(Into::into) });
+        self.push_entry(
+            "defer_named",
+            Box::pin(crate::error::NamedFuture::new(label.into(), fut)),
         );
     }
 
