@@ -55,9 +55,12 @@
 //! [`sync`] and the [`ledger`], on scopeguard, tempfile, smallvec, tracing and rustix.
 //!
 //! Public dependencies (their types appear in custodian's API): `tempfile` (whose
-//! `TempDir` and `Builder` [`fs::TempDir`] wraps and accepts), `tracing` (the events),
-//! `scopeguard` (re-exported guards), and with `tokio`, tokio's runtime `Handle` and
-//! `process::Command`/`Child`; with `postgres`, tokio-postgres' `Config` and `Client`.
+//! `TempDir`, `NamedTempFile` and `Builder` [`fs::TempDir`] and [`fs::TempFile`] wrap,
+//! deref to, give back and accept), `tracing` (the events), `scopeguard` (re-exported
+//! guards), and with `tokio`, tokio's runtime `Handle`, `net::TcpStream` and
+//! `net::UnixListener` (wrapped by the async guards) and `process::Command`/`Child`; with
+//! `postgres`, tokio-postgres' `Config` and `Client` and tokio-util's `CancellationToken`
+//! (`PgLock::lost_token`).
 //!
 //! # Rust version
 //! 1.89 or newer (std's `File::lock`).

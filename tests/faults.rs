@@ -227,6 +227,94 @@ fn lock_file_takes_over_empty_files_and_stale_records() {
     }
 }
 
+/// A child that runs until killed; killed and reaped when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn lock_file_leaves_the_pid_file_of_a_running_program_alone() {
+    // A daemon that writes its pid file without `flock`: running, started before its
+    // record was written, and not holding the lock. Taking the file over would overwrite
+    // its pid, then delete the file on release.
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Running(Command::new("sleep").arg("60").spawn().unwrap());
+    let pid = daemon.0.id();
+    let path = dir.path().join("daemon.pid");
+    let record = format!("{pid}\n");
+    fs::write(&path, &record).unwrap();
+    let shared = || LockFile::builder().shared(true).acquire(&path);
+    let timeout = || LockFile::acquire_timeout(&path, std::time::Duration::from_secs(1));
+    let exclusive = || LockFile::acquire(&path);
+    let try_now = || LockFile::try_acquire(&path)?.map_err(io::Error::from);
+    for (how, result) in [
+        ("acquire", exclusive()),
+        ("try_acquire", try_now()),
+        ("acquire_timeout", timeout()),
+        ("shared acquire", shared()),
+    ] {
+        let err = result.expect_err(how);
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{how}: {err}");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{how}: {text}");
+        assert!(text.contains(&format!("pid {pid}")), "{how}: {text}");
+        assert!(text.contains("left untouched"), "{how}: {text}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), record, "{how}");
+    }
+}
+
+#[test]
+fn lock_file_takes_over_records_whose_pid_names_another_process_now() {
+    let dir = tempfile::tempdir().unwrap();
+    // A running process that started after the record was written: the writer died and
+    // its pid was reused. Dated an hour back, the record is older than the process.
+    let reused = Running(Command::new("sleep").arg("60").spawn().unwrap());
+    let path = dir.path().join("reused.pid");
+    fs::write(&path, format!("{}\n", reused.0.id())).unwrap();
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    let lock = LockFile::acquire(&path).unwrap();
+    assert_eq!(
+        LockFile::owner_pid(&path).unwrap(),
+        Some(std::process::id())
+    );
+    lock.close().unwrap();
+    assert!(!path.exists());
+
+    // A zombie: the process exited and only waits to be reaped; it writes nothing.
+    let mut zombie = Command::new("true").spawn().unwrap();
+    let pid = zombie.id();
+    let stat = format!("/proc/{pid}/stat");
+    let state = || {
+        let s = fs::read_to_string(&stat).unwrap();
+        s[s.rfind(')').unwrap() + 2..].chars().next().unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while state() != 'Z' {
+        assert!(std::time::Instant::now() < deadline, "{pid} never exited");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let path = dir.path().join("zombie.pid");
+    fs::write(&path, format!("{pid}\n")).unwrap();
+    let lock = LockFile::acquire(&path).unwrap();
+    assert_eq!(
+        LockFile::owner_pid(&path).unwrap(),
+        Some(std::process::id())
+    );
+    lock.close().unwrap();
+    zombie.wait().unwrap();
+}
+
 #[test]
 fn a_shared_lock_empties_a_stale_exclusive_record() {
     let dir = tempfile::tempdir().unwrap();

@@ -530,7 +530,7 @@ fn atomic_close_commits_through_a_cleanup_stack() {
 }
 
 /// Named temp files only (an unnamed one leaves nothing to remove); a process looks once
-/// per target, so each case has its own directory.
+/// per directory, so each case has its own directory.
 #[test]
 fn atomic_removes_stale_temp_files_of_dead_writers_only() {
     let named = || {
@@ -546,27 +546,51 @@ fn atomic_removes_stale_temp_files_of_dead_writers_only() {
     dead.wait().unwrap();
     let stale = dir.path().join(format!(".data.AbC123.{dead_pid}.tmp"));
     fs::write(&stale, "half").unwrap();
-    // A writer that is alive (this process), and a file of another target.
+    // Another target's, left by a dead writer too: removed in the same listing.
+    let other = dir.path().join(format!(".other.AbC123.{dead_pid}.tmp"));
+    fs::write(&other, "half").unwrap();
+    // A writer that is alive (this process), and files that only look alike.
     let live = dir
         .path()
         .join(format!(".data.XyZ789.{}.tmp", std::process::id()));
     fs::write(&live, "in progress").unwrap();
-    let other = dir.path().join(format!(".other.AbC123.{dead_pid}.tmp"));
-    fs::write(&other, "not ours").unwrap();
+    let lookalikes = [
+        format!("data.AbC123.{dead_pid}.tmp"),
+        format!(".AbC123.{dead_pid}.tmp"),
+        format!(".data.AbC12.{dead_pid}.tmp"),
+        format!(".data.AbC123.{dead_pid}.json"),
+        ".data.tmp".to_owned(),
+    ];
+    for name in &lookalikes {
+        fs::write(dir.path().join(name), "a user's file").unwrap();
+    }
 
     let file = named().create(&path).unwrap();
     assert!(!stale.exists(), "a dead writer's temp file is removed");
+    assert!(!other.exists(), "so is one of another target");
     assert!(live.exists(), "a live writer's temp file is kept");
-    assert!(other.exists(), "another target's temp file is kept");
+    for name in &lookalikes {
+        assert_eq!(
+            fs::read_to_string(dir.path().join(name)).unwrap(),
+            "a user's file",
+            "{name}"
+        );
+    }
     file.commit().unwrap();
 
-    // Once per target and process: a file that appears later waits for the next process.
+    // Once per directory and process: a file that appears later waits for the next
+    // process, whichever target is written next.
     let later = dir.path().join(format!(".data.LaTeR1.{dead_pid}.tmp"));
     fs::write(&later, "half").unwrap();
     named().create(&path).unwrap().commit().unwrap();
+    named()
+        .create(dir.path().join("third"))
+        .unwrap()
+        .commit()
+        .unwrap();
     assert!(
         later.exists(),
-        "no second listing of the directory for this target"
+        "no second listing of the directory, for this target or another"
     );
 
     // A dead pid, but the file is locked (a writer in another pid namespace): kept.

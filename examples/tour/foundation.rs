@@ -32,7 +32,7 @@ pub(crate) fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         stack.defer_named(format!("remove {name}"), move || std::fs::remove_file(path));
     }
     println!(
-        "a stack with three failing cleanups: {}",
+        "a stack whose cleanups fail: {}",
         stack.close().unwrap_err()
     );
 

@@ -74,10 +74,7 @@ async fn service(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     if let Err(errors) = stack.close().await {
-        println!(
-            "async stack closed with {} failure(s):\n{errors}",
-            errors.len()
-        );
+        println!("async stack closed: {errors}");
     }
 
     // A cleanup that would hang forever is aborted at the shutdown deadline.

@@ -49,11 +49,17 @@ const MAX_BACKOFF: Duration = Duration::from_millis(50);
 /// ASCII whitespace** (what `LockFile` writes: `<pid>\n`). Once the lock is held, the
 /// file's content is judged before anything is written:
 /// - a file this `acquire` created, an empty file (a holder that died before writing its
-///   pid) or a lock record left by a holder that is gone (nobody holds the `flock`, which
-///   the kernel drops when its holder dies; the recorded pid is only informative, since it
-///   may have been reused) is taken over: emptied, then our pid written;
-/// - anything else (a non-empty file that is not a lock record, or not a regular file:
-///   a directory, a FIFO, a device) is refused with an error of kind
+///   pid) or a lock record left by a holder that is gone is taken over: emptied, then our
+///   pid written. A holder is gone when nobody holds the `flock` (the kernel drops it when
+///   its holder dies) and the recorded pid names no running process that could have
+///   written it: no such process, a zombie, our own pid, or (on Linux, from
+///   `/proc/<pid>/stat`) a process that started after the record was written, so its pid
+///   was reused, or a record older than this boot;
+/// - anything else is refused: a non-empty file that is not a lock record, a record whose
+///   pid is a process that is running, does not hold the lock and started before the
+///   record was written (the pid file of a program that does not use `flock`: taking it
+///   over would overwrite it, then delete it on release), or what is not a regular file
+///   (a directory, a FIFO, a device). The error has kind
 ///   [`io::ErrorKind::AlreadyExists`] naming the path ("… exists and is not a lock file;
 ///   it was left untouched"), and the file is left byte-for-byte unchanged.
 ///
@@ -362,6 +368,17 @@ impl LockFileBuilder {
                 _ => read_record(&file, path)?
                     .ok_or_else(|| not_a_lock_file(path, "holds something other than a pid"))?,
             };
+            if let Record::Pid(writer) = record
+                && imp::record_writer_running(writer, meta.modified().ok())
+            {
+                return Err(not_a_lock_file(
+                    path,
+                    &format!(
+                        "records pid {writer}, a running process that does not hold the lock: \
+                         the pid file of another program?"
+                    ),
+                ));
+            }
             if self.shared && record != Record::Empty {
                 // A pid left by an exclusive holder that is gone (we hold a shared lock, so
                 // no exclusive one exists): emptied, so nobody reads it as the holder.

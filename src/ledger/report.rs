@@ -16,8 +16,10 @@ pub struct Counts {
 }
 
 impl Counts {
-    /// Resources alive: acquired minus released. In a difference made by
-    /// [`Snapshot::since`] it can be negative (more released than acquired in between).
+    /// Resources alive: acquired minus released. In a snapshot taken while other threads
+    /// acquire and release it may be low, never high (see [`snapshot`]); in a difference
+    /// made by [`Snapshot::since`] it can be negative (more released than acquired in
+    /// between).
     pub fn live(&self) -> i64 {
         self.acquired as i64 - self.released as i64
     }

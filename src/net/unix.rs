@@ -171,11 +171,11 @@ fn remove_if_stale(path: &Path, in_use: io::Error) -> io::Result<()> {
         Some(now) if (now.dev(), now.ino()) == (meta.dev(), meta.ino()) => {
             match std::fs::remove_file(path) {
                 Ok(()) => {
-                    tracing::debug!(
-                        target: "custodian",
-                        kind = KIND.name(),
-                        resource = %path.display(),
-                        "removed a stale socket file nobody listened on"
+                    let (kind, path) = (KIND.name(), path.display());
+                    let message = "removed a stale socket file nobody listened on";
+                    shielded(
+                        || tracing::debug!(target: "custodian", kind, resource = %path, "{message}"),
+                        format_args!("{message} kind={kind} resource={path}"),
                     );
                     Ok(())
                 }

@@ -7,7 +7,7 @@
 //! so the goodbye frame, the unlock or the `shutdown()` never happens.
 //!
 //! Here:
-//! - [`AsyncGuard`] wraps a value with an async cleanup. `close(self).await` runs it and
+//! - [`AsyncGuard`] wraps a value with an async cleanup. `AsyncGuard::close(g).await` runs it and
 //!   returns its error; a guard dropped without it (early return, `?`, panic,
 //!   cancellation) hands the cleanup to a [`Reaper`], which runs it on the runtime,
 //!   shielded from the cancelled caller. `Drop` never blocks.

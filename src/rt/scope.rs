@@ -371,6 +371,43 @@ impl<E> AsyncScope<E> {
         );
     }
 
+    /// As [`defer_fallible`](Self::defer_fallible), with a label of your choosing (a
+    /// `String` made in a loop, say) shown in its [`CleanupError`] and events instead of
+    /// `defer_named`, whether it fails or panics.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let err = custodian::rt::scope(|s| async move {
+    ///     for session in [1, 2] {
+    ///         s.defer_named(format!("log out session {session}"), async move {
+    ///             Err::<(), _>(std::io::Error::other("server gone"))
+    ///         });
+    ///     }
+    ///     Ok::<_, std::io::Error>(())
+    /// })
+    /// .await
+    /// .unwrap_err();
+    /// let labels: Vec<&str> = err.cleanup_errors().iter().map(|e| e.label()).collect();
+    /// assert_eq!(labels, ["log out session 2", "log out session 1"]);
+    /// # });
+    /// ```
+    #[track_caller]
+    pub fn defer_named<Er>(
+        &self,
+        label: impl Into<Cow<'static, str>>,
+        cleanup: impl Future<Output = Result<(), Er>> + Send + 'static,
+    ) where
+        Er: Into<BoxError>,
+    {
+        let fut: BoxFuture<Result<(), BoxError>> =
+            Box::pin(async move { cleanup.await.map_err(Into::into) });
+        self.register(
+            What::Always(Box::pin(crate::error::NamedFuture::new(label.into(), fut))),
+            "defer_named",
+            Location::caller(),
+        );
+    }
+
     /// Runs `cleanup` when the body returned `Ok`.
     ///
     /// ```

@@ -99,11 +99,12 @@ const RAND_LEN: usize = 6;
 ///
 /// A named temp file (other systems, file systems without unnamed files, or
 /// [`AtomicFileBuilder::named_temp_file`]) is called `.<target name>.<random>.<pid>.tmp`,
-/// and a writer killed before `commit` leaves it behind. The first `AtomicFile` of the
-/// same target that a process creates with a named temp file removes such files whose
-/// writer is gone (no process with that pid, and the file not locked: each writer holds
-/// a `flock` on its temp file). That costs one directory listing per target and
-/// process, never one per write. Turn this off with [`AtomicFileBuilder::remove_stale`].
+/// and a writer killed before `commit` leaves it behind. The first `AtomicFile` a process
+/// creates with a named temp file in a directory removes such files, of any target, whose writer is gone (no
+/// process with that pid, and the file not locked: each writer holds a `flock` on its
+/// temp file). That costs one directory listing per directory and process, however many
+/// targets are written there, never one per write. Turn this off with
+/// [`AtomicFileBuilder::remove_stale`].
 #[must_use = "dropping an AtomicFile without `commit` discards what was written"]
 pub struct AtomicFile {
     /// The staged content; `None` only once `commit`, `discard` or `into_inner` took it.
@@ -214,10 +215,10 @@ impl AtomicFileBuilder {
         self
     }
 
-    /// Whether `create` removes named temp files of the same target left by crashed
-    /// writers (default `true` on Unix; a no-op elsewhere). Only where a named temp file
-    /// is used, and once per target and process: one directory listing then, none for
-    /// later writes (see *Crashes* on [`AtomicFile`]).
+    /// Whether `create` removes named temp files left by crashed writers in the
+    /// directory (default `true` on Unix; a no-op elsewhere). Only where a named temp
+    /// file is used, and once per directory and process: one directory listing then,
+    /// none for later writes (see *Crashes* on [`AtomicFile`]).
     pub fn remove_stale(mut self, remove: bool) -> Self {
         self.remove_stale = remove && imp::CLEANS_STALE;
         self

@@ -6,7 +6,7 @@
 //! named temp file is used, and temp files of crashed writers are looked for once per
 //! target and process.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, Permissions};
 use std::hash::{BuildHasher, RandomState};
@@ -25,6 +25,7 @@ use rustix::io::Errno;
 use super::{KIND, MAX_NAME_IN_TEMP, RAND_LEN, temp_prefix};
 use crate::fs::imp;
 use crate::io_error::path_error;
+use crate::ledger::events::shielded;
 
 /// What `create` needs to know to stage the new content.
 pub(super) struct Options<'a> {
@@ -88,10 +89,10 @@ impl Stage {
                 return Err(path_error("cannot create a temp file in", staging_path, e));
             }
             None => {
-                let prefix = temp_prefix(name);
-                if options.remove_stale && first_look(staging_fd, &prefix) {
-                    remove_stale(staging_fd, staging_path, &prefix);
+                if options.remove_stale && first_look(staging_fd) {
+                    remove_stale(staging_fd, staging_path);
                 }
+                let prefix = temp_prefix(name);
                 let (fd, temp_name) = create_named(staging_fd, &prefix, create_mode)
                     .map_err(|e| path_error("cannot create a temp file in", staging_path, e))?;
                 let path = join(staging_path, &temp_name);
@@ -508,11 +509,11 @@ fn remove_unfinished(dir: &OwnedFd, name: &OsStr) -> io::Result<bool> {
     }
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
         Ok(()) | Err(Errno::NOENT) => {
-            tracing::debug!(
-                target: "custodian",
-                kind = KIND.name(),
-                resource = %Path::new(name).display(),
-                "removed the complete new content a writer killed while publishing left"
+            let (kind, name) = (KIND.name(), Path::new(name).display());
+            let message = "removed the complete new content a writer killed while publishing left";
+            shielded(
+                || tracing::debug!(target: "custodian", kind, resource = %name, "{message}"),
+                format_args!("{message} kind={kind} resource={name}"),
             );
             Ok(true)
         }
@@ -563,41 +564,78 @@ fn create_named(dir: &OwnedFd, prefix: &OsStr, mode: Mode) -> io::Result<(OwnedF
     }
 }
 
-/// Whether this process has not yet looked for stale temp files of this target in this
-/// directory (and notes that it now does). At most 4096 targets are remembered; past
-/// that the memory starts over, which only costs a second look.
-fn first_look(dir: &OwnedFd, prefix: &OsStr) -> bool {
-    /// Target name prefixes seen, by directory (device, inode); and how many in all.
-    type Seen = (HashMap<(u64, u64), HashSet<OsString>>, usize);
-    static SEEN: Mutex<Option<Seen>> = Mutex::new(None);
-    let Ok(stat) = rustix::fs::fstat(dir) else {
+/// Whether this process has not yet looked for stale temp files in this directory (and
+/// notes that it now does). At most 4096 directories are remembered; past that the
+/// memory starts over, which only costs a second look.
+fn first_look(dir: &OwnedFd) -> bool {
+    /// Directories seen.
+    static SEEN: Mutex<Option<HashSet<DirId>>> = Mutex::new(None);
+    let Some(dir) = DirId::of(dir) else {
         return true;
     };
-    #[allow(clippy::unnecessary_cast)] // `st_dev` and `st_ino` are not `u64` everywhere
-    let dir = (stat.st_dev as u64, stat.st_ino as u64);
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    let (by_dir, count) = seen.get_or_insert_with(Default::default);
-    if by_dir.get(&dir).is_some_and(|names| names.contains(prefix)) {
+    let seen = seen.get_or_insert_with(HashSet::new);
+    if seen.contains(&dir) {
         return false; // the common case: no allocation
     }
-    if *count >= 4096 {
-        by_dir.clear();
-        *count = 0;
+    if seen.len() >= 4096 {
+        seen.clear();
     }
-    *count += 1;
-    by_dir.entry(dir).or_default().insert(prefix.to_os_string())
+    seen.insert(dir)
 }
 
-/// Removes named temp files for the same target whose writer is gone: no process with
-/// their pid, and not locked. Best effort: a failure is reported as a `warn` event, never
-/// fails the new write.
-fn remove_stale(dir: &OwnedFd, dir_path: &Path, prefix: &OsStr) {
+/// A directory as `first_look` remembers it: device, inode and, where the file system
+/// records it, birth time. A directory removed and created again often gets the same
+/// inode number at once; the birth time tells the new one from the one already looked
+/// at.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct DirId {
+    dev: u64,
+    ino: u64,
+    born: (i64, u32),
+}
+
+impl DirId {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn of(dir: &OwnedFd) -> Option<DirId> {
+        use rustix::fs::StatxFlags;
+        let mask = StatxFlags::INO | StatxFlags::BTIME;
+        let stat = rustix::fs::statx(dir, c"", AtFlags::EMPTY_PATH, mask).ok()?;
+        let dev = (u64::from(stat.stx_dev_major) << 32) | u64::from(stat.stx_dev_minor);
+        let born = if StatxFlags::from_bits_retain(stat.stx_mask).contains(StatxFlags::BTIME) {
+            (stat.stx_btime.tv_sec, stat.stx_btime.tv_nsec)
+        } else {
+            (0, 0) // not recorded here: device and inode alone
+        };
+        Some(DirId {
+            dev,
+            ino: stat.stx_ino,
+            born,
+        })
+    }
+
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    fn of(dir: &OwnedFd) -> Option<DirId> {
+        let stat = rustix::fs::fstat(dir).ok()?;
+        #[allow(clippy::unnecessary_cast)] // `st_dev` and `st_ino` are not `u64` everywhere
+        Some(DirId {
+            dev: stat.st_dev as u64,
+            ino: stat.st_ino as u64,
+            born: (0, 0),
+        })
+    }
+}
+
+/// Removes named temp files (of any target) whose writer is gone: no process with their
+/// pid, and not locked. Best effort: a failure is reported as a `warn` event, never fails
+/// the new write.
+fn remove_stale(dir: &OwnedFd, dir_path: &Path) {
     let Ok(entries) = rustix::fs::Dir::read_from(dir) else {
         return; // creating the temp file reports the problem with the directory
     };
     for entry in entries.flatten() {
         let name = OsStr::from_bytes(entry.file_name().to_bytes());
-        let Some(pid) = stale_candidate(name, prefix) else {
+        let Some(pid) = stale_candidate(name) else {
             continue;
         };
         if imp::process_may_exist(pid) {
@@ -611,38 +649,46 @@ fn remove_stale(dir: &OwnedFd, dir_path: &Path, prefix: &OsStr) {
             continue; // a live writer we cannot see (another pid namespace)
         }
         let path = dir_path.join(name);
+        let (kind, path) = (KIND.name(), path.display());
         match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
-            Ok(()) => tracing::debug!(
-                target: "custodian",
-                kind = KIND.name(),
-                resource = %path.display(),
-                pid,
-                "removed a temp file left by a crashed writer"
-            ),
+            Ok(()) => {
+                let message = "removed a temp file left by a crashed writer";
+                shielded(
+                    || tracing::debug!(target: "custodian", kind, resource = %path, pid, "{message}"),
+                    format_args!("{message} kind={kind} resource={path} pid={pid}"),
+                );
+            }
             Err(Errno::NOENT) => {}
-            Err(e) => tracing::warn!(
-                target: "custodian",
-                kind = KIND.name(),
-                resource = %path.display(),
-                error = %io::Error::from(e),
-                "cannot remove a temp file left by a crashed writer"
-            ),
+            Err(e) => {
+                let error = io::Error::from(e);
+                let message = "cannot remove a temp file left by a crashed writer";
+                shielded(
+                    || tracing::warn!(target: "custodian", kind, resource = %path, %error, "{message}"),
+                    format_args!("{message} kind={kind} resource={path} error={error}"),
+                );
+            }
         }
     }
 }
 
-/// The writer's pid if `file_name` is `<prefix><random>.<pid>.tmp`.
-fn stale_candidate(file_name: &OsStr, prefix: &OsStr) -> Option<u32> {
+/// The writer's pid if `file_name` is a named temp file, `.<name>.<random>.<pid>.tmp`
+/// (`temp_prefix` + `random_name`) for some non-empty `<name>`.
+fn stale_candidate(file_name: &OsStr) -> Option<u32> {
     let rest = file_name
         .as_encoded_bytes()
-        .strip_prefix(prefix.as_encoded_bytes())?
+        .strip_prefix(b".")?
         .strip_suffix(b".tmp")?;
-    let (random, pid) = rest.split_at_checked(RAND_LEN)?;
+    let dot = rest.iter().rposition(|&b| b == b'.')?;
+    let (rest, pid) = (&rest[..dot], &rest[dot + 1..]);
+    if pid.is_empty() || pid.len() > 10 || !pid.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let (name, random) = rest.split_at_checked(rest.len().checked_sub(RAND_LEN)?)?;
     if !random.iter().all(u8::is_ascii_alphanumeric) {
         return None;
     }
-    let pid = pid.strip_prefix(b".")?;
-    if pid.is_empty() || !pid.iter().all(u8::is_ascii_digit) {
+    // `<name>.`: at least one byte of name before the dot.
+    if name.len() < 2 || name.last() != Some(&b'.') {
         return None;
     }
     std::str::from_utf8(pid).ok()?.parse().ok()
@@ -658,20 +704,26 @@ mod tests {
     fn temp_names_parse_back_to_their_pid() {
         let prefix = temp_prefix(OsStr::new("app.toml"));
         assert_eq!(prefix, ".app.toml.");
-        assert_eq!(
-            stale_candidate(OsStr::new(".app.toml.aZ09xy.4242.tmp"), &prefix),
-            Some(4242)
-        );
+        for (name, pid) in [
+            (".app.toml.aZ09xy.4242.tmp", 4242),
+            (".a.aZ09xy.1.tmp", 1),
+            (".app.toml.b.aZ09xy.4242.tmp", 4242), // the temp file of `app.toml.b`
+        ] {
+            assert_eq!(stale_candidate(OsStr::new(name)), Some(pid), "{name}");
+        }
         for other in [
             ".app.toml.aZ09xy.tmp",
             ".app.toml.aZ09x.4242.tmp",
             ".app.toml.aZ0-xy.4242.tmp",
             ".app.toml.aZ09xy.42a2.tmp",
             ".app.toml.aZ09xy.4242",
-            ".app.toml.b.aZ09xy.4242.tmp",
+            ".app.toml.aZ09xy.42424242424.tmp",
+            "app.toml.aZ09xy.4242.tmp",
+            ".aZ09xy.4242.tmp",
+            ".app.toml.custodian.tmp",
             "app.toml",
         ] {
-            assert_eq!(stale_candidate(OsStr::new(other), &prefix), None, "{other}");
+            assert_eq!(stale_candidate(OsStr::new(other)), None, "{other}");
         }
     }
 
@@ -687,7 +739,7 @@ mod tests {
     fn random_names_parse_back_to_our_pid() {
         let prefix = temp_prefix(OsStr::new("a.txt"));
         let name = random_name(&prefix);
-        assert_eq!(stale_candidate(&name, &prefix), Some(std::process::id()));
+        assert_eq!(stale_candidate(&name), Some(std::process::id()));
         assert_ne!(name, random_name(&prefix));
     }
 

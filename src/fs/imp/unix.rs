@@ -81,6 +81,92 @@ pub(crate) fn process_may_exist(pid: u32) -> bool {
     !matches!(rustix::process::test_kill_process(pid), Err(Errno::SRCH))
 }
 
+/// Whether the pid recorded in an unlocked lock file may name the process that wrote
+/// it, still running: a pid file of another program that does not use `flock` (taking it
+/// over would overwrite it, then delete it on release). `written` is the file's
+/// modification time.
+///
+/// `false` (a stale record, safe to take over) when the pid is ours (a record of this
+/// process, or of an earlier one that had our pid), when no such process exists (or
+/// can: past `i32::MAX`) or it is
+/// a zombie, when the record is older than this boot, and on Linux when the process
+/// started after the record was written (the pid was reused: the writer died before it
+/// started). A process with that pid that started before the record was written may be
+/// its writer: `true`. Where the start time cannot be read (no `/proc`, or another
+/// system) a running process counts as the writer, and a record dated in the future
+/// (the clock went back) cannot be judged by time: stale, as before this check.
+pub(crate) fn record_writer_running(pid: u32, written: Option<std::time::SystemTime>) -> bool {
+    // A pid past `i32::MAX` names no process (`pid_t` is an `i32`).
+    if pid == std::process::id() || i32::try_from(pid).is_err() || !process_may_exist(pid) {
+        return false;
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Some(written) = written
+        && let Some(judged) = linux::started_before(pid, written)
+    {
+        return judged;
+    }
+    let _ = written;
+    true
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod linux {
+    use std::time::{Duration, SystemTime};
+
+    /// Whether process `pid` started before `written` (a wall-clock time), judged on the
+    /// boot-time clock its start is recorded on; `Some(false)` for a zombie or a record
+    /// from before this boot; `None` when it cannot be told.
+    pub(super) fn started_before(pid: u32, written: SystemTime) -> Option<bool> {
+        let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (comm) state ...`: `comm` may hold spaces and parentheses, so fields are
+        // counted after its last `)`.
+        let after = &stat[stat.iter().rposition(|&b| b == b')')? + 1..];
+        let mut fields = after.split(|&b| b == b' ').filter(|f| !f.is_empty());
+        let state = fields.next()?;
+        if matches!(state, b"Z" | b"X" | b"x") {
+            return Some(false); // dead, waiting to be reaped: its pid names no writer
+        }
+        // `starttime` is field 22; `state` was field 3.
+        let ticks: u64 = std::str::from_utf8(fields.nth(22 - 4)?)
+            .ok()?
+            .parse()
+            .ok()?;
+        // SAFETY: `sysconf` has no memory-safety preconditions.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+        if hz == 0 {
+            return None;
+        }
+        let started = Duration::from_secs(ticks / hz)
+            + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz);
+        // The record's time on the boot-time clock: how long ago it was written, taken
+        // from now. A record from the future cannot be placed: `None`.
+        let age = SystemTime::now().duration_since(written).ok()?;
+        let Some(written) = boot_time_now()?.checked_sub(age) else {
+            return Some(false); // written before this boot: every process since is newer
+        };
+        // `started` is truncated to a clock tick, so a process that started within a tick
+        // after the record counts as started before it: a refusal, never a wrong takeover.
+        Some(started <= written)
+    }
+
+    /// Time since boot, on the clock `/proc/<pid>/stat` dates process starts with.
+    fn boot_time_now() -> Option<Duration> {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `t` is a valid, writable `timespec`.
+        if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut t) } != 0 {
+            return None;
+        }
+        Some(Duration::new(
+            u64::try_from(t.tv_sec).ok()?,
+            u32::try_from(t.tv_nsec).ok()?,
+        ))
+    }
+}
+
 /// Whether removing files of crashed writers is supported here.
 pub(crate) const CLEANS_STALE: bool = true;
 
