@@ -43,6 +43,8 @@ use tokio_util::task::TaskTracker;
 use server::{Config, End, Running};
 use store::Store;
 
+/// The drain deadline of the service as built.
+const DRAIN: Duration = Duration::from_secs(5);
 const SET_CLIENTS: usize = 32;
 const CLOSE_CLIENTS: usize = 8;
 
@@ -59,7 +61,7 @@ async fn guarded(dir: &std::path::Path) -> Running {
     let config = Config {
         state: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
-        drain_deadline: Duration::from_secs(5),
+        drain_deadline: DRAIN,
     };
     server::start(&config).await.unwrap()
 }
@@ -303,7 +305,7 @@ async fn shutdown_200(dir: &std::path::Path) -> Duration {
         }));
     }
     let start = Instant::now();
-    let stopped = running.shutdown().await.unwrap();
+    let stopped = running.shutdown(start + DRAIN).await.unwrap();
     let elapsed = start.elapsed();
     assert_eq!(stopped.report.completed(), 200, "{}", stopped.report);
     for client in clients {
@@ -425,7 +427,7 @@ fn main() {
         ..
     } = p;
     rt.block_on(async {
-        guarded.shutdown().await.unwrap();
+        guarded.shutdown(Instant::now() + DRAIN).await.unwrap();
     });
     plain.1.close().unwrap();
     by_hand.1.close().unwrap();

@@ -1,7 +1,7 @@
 //! A small key-value service built on custodian's guards, to read and to copy from.
 //!
 //! ```text
-//! cargo run --all-features --example service -- --state /tmp/kv --listen 127.0.0.1:0 --drain-deadline 5s
+//! cargo run --features tokio --example service -- --state /tmp/kv --listen 127.0.0.1:0 --drain-deadline 5s
 //! printf 'SET greeting hello\nGET greeting\nQUIT\n' | nc 127.0.0.1 <port>
 //! printf 'STATUS\n' | nc -U /tmp/kv/admin.sock
 //! kill -TERM <pid>
@@ -16,7 +16,8 @@
 //!   gracefully; at shutdown those goodbyes are drained by a `Reaper` with a deadline.
 //! - An admin Unix socket (`AsyncUnixListenerGuard`) answers `STATUS` with the ledger.
 //! - A helper child (a heartbeat) under an `AsyncChildGuard`: stopped and reaped at exit.
-//! - SIGTERM/SIGINT: the shutdown sequence in `server::Running::shutdown`; exit 0.
+//! - SIGTERM/SIGINT: the shutdown sequence in `server::Running::shutdown`, all of it
+//!   (drain, final state, child stopped) within the drain deadline from the signal; exit 0.
 //!
 //! Lines on stdout (`listening on ...`, `drain report: ...`) are for scripts and tests;
 //! the tracing log goes to stderr.
@@ -25,7 +26,7 @@ mod server;
 mod store;
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use custodian::fs::LockHeld;
 use custodian::rt::ShutdownSignals;
@@ -83,8 +84,10 @@ async fn main() -> ExitCode {
     println!("listening on {}", running.local_addr());
 
     let signal = signals.recv().await;
+    // One deadline for the whole shutdown, counted from the signal.
+    let deadline = Instant::now() + config.drain_deadline;
     tracing::info!("{signal}: shutting down");
-    match running.shutdown().await {
+    match running.shutdown(deadline).await {
         Ok(stopped) => {
             let report = &stopped.report;
             tracing::info!("{report}");
@@ -99,7 +102,10 @@ async fn main() -> ExitCode {
             );
             println!("state written: {} keys", stopped.keys);
             println!("watchdog reaped: {}", stopped.watchdog);
-            println!("stopped in {:?}", stopped.elapsed);
+            println!(
+                "stopped in {:?} (deadline {:?})",
+                stopped.elapsed, config.drain_deadline
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -131,16 +137,20 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Config, String> 
     })
 }
 
-/// `250ms`, `5s` or a plain number of seconds.
+/// `250ms`, `5s` or a plain number of seconds, at most a day (so that the deadline,
+/// an `Instant`, cannot overflow).
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("--drain-deadline {text:?}: expected e.g. 5s or 250ms");
-    if let Some(ms) = text.strip_suffix("ms") {
-        return ms.parse().map(Duration::from_millis).map_err(|_| bad());
-    }
-    let secs = text.strip_suffix('s').unwrap_or(text);
-    secs.parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+    let bad = || format!("--drain-deadline {text:?}: expected e.g. 5s or 250ms, at most 86400s");
+    let parsed = match text.strip_suffix("ms") {
+        Some(ms) => ms.parse().ok().map(Duration::from_millis),
+        None => {
+            let secs = text.strip_suffix('s').unwrap_or(text);
+            secs.parse()
+                .ok()
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        }
+    };
+    parsed
+        .filter(|d| *d <= Duration::from_secs(24 * 3600))
         .ok_or_else(bad)
 }

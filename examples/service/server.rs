@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use custodian::fs::LockFile;
 use custodian::ledger::Kind;
 use custodian::net::{AsyncUnixListenerGuard, TcpStreamGuardBuilder};
-use custodian::process::{AsyncChildGuard, ChildGuardBuilder};
+use custodian::process::{AsyncChildGuard, ChildGuardBuilder, Signal};
 use custodian::rt::{AsyncGuard, DrainReport, Reaper};
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
@@ -37,7 +37,8 @@ pub struct Config {
     pub state: PathBuf,
     /// The TCP address to serve on (port 0: any free port).
     pub listen: SocketAddr,
-    /// How long the shutdown may take to finish requests and say goodbye.
+    /// How long the whole shutdown may take, from the signal to the lock released:
+    /// requests finished, goodbyes said, state written, child stopped.
     pub drain_deadline: Duration,
 }
 
@@ -101,6 +102,14 @@ pub struct Stopped {
 /// A second instance gets the lock's error, naming the pid of the first one (see
 /// `custodian::fs::LockHeld`); then nothing else was touched.
 pub async fn start(config: &Config) -> io::Result<Running> {
+    // The state directory is created on first use.
+    std::fs::create_dir_all(&config.state).map_err(|e| {
+        let state = config.state.display();
+        io::Error::new(
+            e.kind(),
+            format!("cannot create the state directory {state}: {e}"),
+        )
+    })?;
     // One instance per state directory. A lock left by a killed instance is free (the
     // kernel dropped its flock): taken at once, our pid written in.
     let lock = LockFile::acquire_timeout(config.state.join("service.pid"), Duration::ZERO)?;
@@ -165,13 +174,16 @@ impl Running {
         self.watchdog.id()
     }
 
-    /// The shutdown sequence: stop accepting, let requests in flight finish, drain the
-    /// connections' goodbyes with the deadline, write the final state, stop the helper
-    /// child, remove the admin socket, release the lock. Every step runs even when an
-    /// earlier one failed; the first error is returned.
-    pub async fn shutdown(self) -> io::Result<Stopped> {
+    /// The shutdown sequence, all of it done by `deadline` (in `main`: the signal's
+    /// arrival plus the drain deadline): stop accepting, let requests in flight finish,
+    /// drain the connections' goodbyes, write the final state and stop the helper child,
+    /// remove the admin socket, release the lock. Every step runs even when an earlier
+    /// one failed; the first error is returned.
+    ///
+    /// The connections get the deadline minus a reserve (see `reserve`); the reserve
+    /// covers the final state write and the child's stop, which run side by side.
+    pub async fn shutdown(self, deadline: Instant) -> io::Result<Stopped> {
         let start = Instant::now();
-        let deadline = self.shared.drain_deadline;
         let Running {
             lock,
             store,
@@ -183,6 +195,8 @@ impl Running {
             ticks,
             ..
         } = self;
+        let drain_end = deadline - reserve(deadline.saturating_duration_since(start));
+        let left = |until: Instant| until.saturating_duration_since(Instant::now());
 
         // 1. Stop accepting: the accept loop ends and drops the listener.
         accept.abort();
@@ -191,10 +205,10 @@ impl Running {
 
         // 2. Each connection finishes its current request, then drops its guard: the
         //    goodbye (BYE, graceful close) goes to the reaper. Requests still stuck
-        //    halfway through the deadline are dropped the same way.
+        //    halfway through the connections' time are dropped the same way.
         shared.stop.cancel();
         shared.connections.close();
-        if tokio::time::timeout(deadline / 2, shared.connections.wait())
+        if tokio::time::timeout(left(drain_end) / 2, shared.connections.wait())
             .await
             .is_err()
         {
@@ -202,17 +216,25 @@ impl Running {
             shared.connections.wait().await;
         }
 
-        // 3. Drain the goodbyes with what is left of the deadline.
-        let report = shared
-            .reaper
-            .shutdown(deadline.saturating_sub(start.elapsed()))
-            .await;
+        // 3. Drain the goodbyes until `drain_end` (the reaper takes up to 100 ms more to
+        //    let the goodbyes it aborts notice; the reserve absorbs that).
+        let report = shared.reaper.shutdown(left(drain_end)).await;
 
-        // 4. The final state: last batch committed, snapshot written, log emptied.
-        let keys = store.close();
-
-        // 5. The helper child: SIGTERM to its group, grace period, SIGKILL, reaped.
-        let watchdog = watchdog.close().await.map_err(io::Error::from);
+        // 4. The final state (last batch committed, snapshot written, log emptied) on a
+        //    blocking thread, while 5. the helper child is stopped and reaped within what
+        //    is left.
+        //
+        //    The state write is never cut short, even once the deadline has passed (a
+        //    stalled disk, a machine too loaded for the reserve): every acknowledged SET
+        //    is already durable in the log, so finishing late loses nothing, and a
+        //    supervisor's SIGKILL in the middle of it leaves the old snapshot and the log,
+        //    which the next start replays.
+        let state = tokio::task::spawn_blocking(move || store.close());
+        let watchdog = stop_child(watchdog, deadline).await;
+        let keys = state.await.unwrap_or_else(|e| Err(io::Error::other(e)));
+        // Not waited for to its end: were the stop to fail, the child's stdout could
+        // stay open.
+        ticks.abort();
         let _ = ticks.await;
 
         // 6. The admin socket's file is removed; then the lock (and pid file) released.
@@ -220,6 +242,9 @@ impl Running {
         let admin = admin.await.unwrap_or_else(|e| Err(io::Error::other(e)));
         let lock = lock.close();
 
+        if let Some(late) = Instant::now().checked_duration_since(deadline) {
+            tracing::warn!("the shutdown overran its deadline by {late:?}");
+        }
         let (keys, watchdog) = (keys?, watchdog?);
         admin?;
         lock?;
@@ -231,6 +256,32 @@ impl Running {
             elapsed: start.elapsed(),
         })
     }
+}
+
+/// The part of a shutdown's time kept back from the connections for the final state
+/// write and the child's stop: a quarter, at most a second. A snapshot of a few MB and
+/// a child that exits on SIGTERM take well under that on a loaded machine.
+fn reserve(total: Duration) -> Duration {
+    (total / 4).min(Duration::from_secs(1))
+}
+
+/// Stops the helper child by `deadline`: SIGTERM to its group, its grace period (the
+/// guard's, cut to what is left before `deadline`), SIGKILL if it is still there. Then
+/// the guard's `close`, seeing it exited, kills whatever is left of its group and reaps
+/// it.
+async fn stop_child(mut child: AsyncChildGuard, deadline: Instant) -> io::Result<ExitStatus> {
+    let grace = child
+        .options()
+        .get_grace()
+        .min(deadline.saturating_duration_since(Instant::now()));
+    if child.try_wait()?.is_none() {
+        child.signal(child.options().get_signal())?;
+        if child.wait_timeout(grace).await?.is_none() {
+            child.signal(Signal::KILL)?;
+            child.wait().await?; // SIGKILL cannot be caught: this is prompt
+        }
+    }
+    child.close().await.map_err(io::Error::from)
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
@@ -282,8 +333,16 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         // Shutting down: the reaper says goodbye, and its drain report counts it.
         Ok(End::Stop) => drop(conn),
         Ok(End::Quit) => {
-            if let Err(e) = AsyncGuard::close(conn).await {
-                tracing::debug!("goodbye to {peer}: {e}");
+            // A client that quits but keeps its side open would hold this close until
+            // the goodbye's own deadline. At the abort the rest of the close goes to the
+            // reaper (`close` is cancel safe), whose drain bounds it and counts it.
+            tokio::select! {
+                closed = AsyncGuard::close(conn) => {
+                    if let Err(e) = closed {
+                        tracing::debug!("goodbye to {peer}: {e}");
+                    }
+                }
+                () = shared.abort.cancelled() => {}
             }
         }
         Ok(End::Eof) => drop(AsyncGuard::into_inner(conn)), // the client left first

@@ -55,7 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!(
         "Next: these guards together in a service, under load, SIGTERM and SIGKILL:\n  \
-         cargo run --all-features --example service -- --state /tmp/kv --listen 127.0.0.1:0\n  \
+         cargo run --features tokio --example service -- --state /tmp/kv --listen 127.0.0.1:0\n  \
          (examples/service/, driven by tests/service.rs)"
     );
     Ok(())
