@@ -377,6 +377,47 @@ mod tokio_guard {
     }
 
     #[test]
+    fn async_child_reaped_elsewhere_fails_once_and_is_reported_once() {
+        use rustix::process::{Pid, WaitOptions, waitpid};
+        let _serial = serial();
+        const KIND: &str = "custodian::process::AsyncChildGuard";
+        let before = custodian::ledger::snapshot();
+        // A current-thread runtime: the reaper runs the dropped guard's stop on this
+        // thread, where `capture` sees its events.
+        let ((), events) = common::capture(|| {
+            common::current_thread().block_on(async {
+                let child = AsyncChildGuard::spawn(tokio_sh("exit 0")).unwrap();
+                let pid = child.id();
+                // Reaped behind the guard's back: its stop must fail, and say so once.
+                waitpid(Pid::from_raw(pid as i32), WaitOptions::empty()).unwrap();
+                let err = child.close().await.unwrap_err();
+                assert!(err.to_string().contains("reaped by someone else"), "{err}");
+                assert!(err.to_string().contains(&pid.to_string()), "{err}");
+                // The guard given back is dropped: its stop goes to the reaper, fails the
+                // same way, and is counted without a second error event.
+                drop(err.into_guard());
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while custodian::ledger::snapshot()
+                    .since(&before)
+                    .get(KIND)
+                    .released
+                    < 1
+                {
+                    assert!(Instant::now() < deadline, "the reaper never ran the stop");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+        });
+        assert!(
+            common::errors(&events).is_empty(),
+            "reported again: {events:?}"
+        );
+        let counts = custodian::ledger::snapshot().since(&before).get(KIND);
+        assert_eq!(counts.failed, 1, "counted, though not reported again");
+        assert_eq!(counts.released, 1);
+    }
+
+    #[test]
     fn async_close_kills_a_child_ignoring_sigterm_and_reaps_it() {
         let _serial = serial();
         common::multi_thread().block_on(async {
