@@ -259,6 +259,12 @@ impl PgLock {
     /// The fencing token of this acquisition: larger than that of every earlier
     /// acquisition of the key, by any client (see [Fencing](#fencing)); `None` with
     /// fencing off.
+    ///
+    /// In shared mode each holder gets its own token, so a store that refuses tokens
+    /// smaller than the largest it has seen would also refuse an earlier shared holder
+    /// that still holds the lock. There, refuse a shared holder's write only when its
+    /// token is smaller than the largest an exclusive holder wrote (and an exclusive
+    /// holder's, as usual, when it is smaller than any seen).
     pub fn fence(&self) -> Option<i64> {
         self.fence
     }
