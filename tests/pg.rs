@@ -12,6 +12,7 @@ use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use custodian::pg::{LockKey, LostCause, PgLock, PgLockBuilder, PgLockHeld};
+use rustix::process::{Pid, Signal, kill_process};
 
 /// The restart test takes this exclusively; every other test shares it, so that no test
 /// sees the server go away under it.
@@ -74,6 +75,60 @@ async fn wait_free(client: &tokio_postgres::Client, key: i64, limit: Duration) -
             "lock {key} still held after {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls until the server has no backend `pid` (its session ended, and its locks went
+/// with it: a backend releases its locks before it leaves `pg_stat_activity`).
+async fn wait_gone(client: &tokio_postgres::Client, pid: i32, limit: Duration) {
+    let start = Instant::now();
+    while sessions(client, "pid = $1", &pid).await > 0 {
+        assert!(
+            start.elapsed() < limit,
+            "backend {pid} still there after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How many sessions `pg_stat_activity` shows that match `filter` (with `$1` = `arg`).
+async fn sessions(
+    client: &tokio_postgres::Client,
+    filter: &str,
+    arg: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> i64 {
+    client
+        .query_one(
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE {filter}"),
+            &[arg],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Stops the server process `pid` with SIGSTOP: a stalled backend, whose kernel still
+/// acknowledges packets (so neither TCP keepalives nor the TCP user timeout fire) but
+/// which answers nothing. The guard resumes it with SIGCONT when dropped, also when the
+/// test fails, so that no backend is left stopped. (The tests run as root or as the
+/// server's user, so they may signal it.)
+#[must_use = "dropping the guard resumes the backend at once"]
+fn freeze(pid: i32) -> custodian::ScopeGuard<Pid, impl FnOnce(Pid)> {
+    let pid = Pid::from_raw(pid).expect("a backend pid is positive");
+    kill_process(pid, Signal::STOP).expect("SIGSTOP the backend");
+    custodian::guard(pid, |pid| {
+        // No panic here: this also runs while a failed test unwinds.
+        if let Err(e) = kill_process(pid, Signal::CONT) {
+            eprintln!("cannot resume backend {pid:?} with SIGCONT: {e}");
+        }
+    })
+}
+
+/// Takes `key` at once on a new session of its own (panics if it is held) and lets go.
+async fn take_at_once(conn: &str, key: i64, after: &str) {
+    match options(conn, "bystander").try_acquire(key).await.unwrap() {
+        Ok(lock) => lock.close().await.unwrap(),
+        Err(held) => panic!("{after}, another session cannot take the key: {held}"),
     }
 }
 
@@ -512,6 +567,38 @@ fn unlocked_behind_the_guards_back_fires_lost_and_close_reports_it() {
 }
 
 #[test]
+fn a_frozen_backend_fires_lost_with_check_timed_out_within_interval_plus_timeout() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let (interval, timeout) = (Duration::from_millis(200), Duration::from_millis(300));
+        let opts = options(&conn, "frozen-holder")
+            .check_interval(interval)
+            .check_timeout(timeout);
+        let lock = opts.acquire(9_015).await.unwrap();
+        // A silent failure: the connection stays up, nothing answers.
+        let frozen = freeze(lock.backend_pid());
+        let start = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), lock.lost())
+            .await
+            .expect("lost() fired");
+        let took = start.elapsed();
+        // The documented bound, the check interval plus the check timeout (500 ms), with
+        // slack for a loaded machine.
+        assert!(
+            took < interval + timeout + Duration::from_secs(2),
+            "lost() after {took:?}"
+        );
+        assert_eq!(lock.lost_cause(), Some(&LostCause::CheckTimedOut(timeout)));
+        drop(frozen);
+        // Resumed, the backend still holds the lock (lost() means it can no longer be
+        // assumed held, not that it is free), and close() unlocks it.
+        lock.close().await.unwrap();
+        wait_free(&raw(&conn).await, 9_015, Duration::from_secs(5)).await;
+    });
+}
+
+#[test]
 fn a_lost_lock_counts_one_failure_in_the_ledger_with_its_error_event() {
     let Some(conn) = server() else { return };
     // Alone: failures are counted process-wide, and other tests lose locks on purpose.
@@ -640,23 +727,21 @@ fn an_unlock_with_no_answer_closes_the_connection_after_the_unlock_timeout() {
     let _server = SERVER.read();
     common::current_thread().block_on(async {
         let client = raw(&conn).await;
+        // The check timeout no longer than the interval: the bound is then the unlock
+        // timeout plus two check intervals.
         let opts = options(&conn, "stalled")
             .unlock_timeout(Duration::from_millis(300))
-            .check_interval(Duration::from_millis(100));
+            .check_interval(Duration::from_millis(100))
+            .check_timeout(Duration::from_millis(100));
         let lock = opts.acquire(9_014).await.unwrap();
-        let pid = lock.backend_pid().to_string();
         // A stalled server: the backend process is stopped, the unlock gets no answer.
-        let signal = |sig: &str| {
-            let status = std::process::Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap();
-            assert!(status.success(), "kill {sig} {pid}");
-        };
-        signal("-STOP");
-        let _resume = custodian::guard((), |()| signal("-CONT"));
+        let frozen = freeze(lock.backend_pid());
         let start = Instant::now();
-        let err = lock.close().await.unwrap_err();
+        // Bounded here too, so that a close that never returns fails the test.
+        let err = tokio::time::timeout(Duration::from_secs(10), lock.close())
+            .await
+            .expect("close() returned")
+            .unwrap_err();
         let took = start.elapsed();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
         assert!(
@@ -666,9 +751,94 @@ fn an_unlock_with_no_answer_closes_the_connection_after_the_unlock_timeout() {
         // Not before the timeout; at most two check intervals after it (and slack).
         assert!(took >= Duration::from_millis(300), "{took:?}");
         assert!(took < Duration::from_millis(900), "{took:?}");
-        drop(_resume);
+        drop(frozen);
         // Resumed, the backend finds its connection closed and exits: the lock is free.
         wait_free(&client, 9_014, Duration::from_secs(5)).await;
+    });
+}
+
+#[test]
+fn an_unlock_timeout_behind_a_check_in_flight_stays_within_the_documented_bound() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let (unlock_timeout, interval, check_timeout) = (
+            Duration::from_millis(300),
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        );
+        let opts = options(&conn, "stalled-check")
+            .unlock_timeout(unlock_timeout)
+            .check_interval(interval)
+            .check_timeout(check_timeout);
+        let lock = opts.acquire(9_020).await.unwrap();
+        let frozen = freeze(lock.backend_pid());
+        // Past a tick: a liveness check now waits for its answer, and the watch with it.
+        tokio::time::sleep(interval + interval / 2).await;
+        let start = Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(10), lock.close())
+            .await
+            .expect("close() returned")
+            .unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        // The documented bound: the unlock timeout plus one check interval plus the
+        // longer of the check interval and the check timeout (1.4 s), with slack.
+        let bound = unlock_timeout + interval + interval.max(check_timeout);
+        assert!(took >= unlock_timeout, "{took:?}");
+        assert!(took < bound + Duration::from_secs(2), "{took:?}");
+        drop(frozen);
+    });
+}
+
+#[test]
+fn a_dropped_lock_whose_unlock_stalls_is_freed_by_closing_its_connection() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        const KEY: i64 = 9_016;
+        let client = raw(&conn).await;
+        // A reaper of its own, to wait for this lock's cleanup and read how it ended.
+        let reaper = custodian::rt::Reaper::new();
+        let (unlock_timeout, interval) = (Duration::from_millis(300), Duration::from_millis(100));
+        let opts = options(&conn, "dropped-stalled")
+            .unlock_timeout(unlock_timeout)
+            .check_interval(interval)
+            .check_timeout(interval)
+            .reaper(&reaper);
+        let lock = opts.acquire(KEY).await.unwrap();
+        let pid = lock.backend_pid();
+        let frozen = freeze(pid);
+        let start = Instant::now();
+        drop(lock); // never blocks, even with the server stalled
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
+        // The unlock gets no answer: the connection is closed after the unlock timeout,
+        // and the cleanup ends with the unlock's error.
+        let report = reaper.shutdown(Duration::from_secs(10)).await;
+        let took = start.elapsed();
+        assert_eq!(report.failed(), 1, "{report}");
+        let err = report.failures()[0].error().unwrap().to_string();
+        assert!(
+            err.contains("9016") && err.contains("closed instead"),
+            "{err}"
+        );
+        // The documented bound: the unlock timeout plus two check intervals (with a check
+        // timeout no longer than the interval), with slack for a loaded machine.
+        assert!(took >= unlock_timeout, "{took:?}");
+        assert!(
+            took < unlock_timeout + 2 * interval + Duration::from_secs(2),
+            "{took:?}"
+        );
+        // Stopped, the backend still holds the lock; resumed, it finds its connection
+        // closed and exits, and the lock goes with it: another session takes it.
+        assert_eq!(held_by(&client, KEY).await, [pid]);
+        drop(frozen);
+        wait_gone(&client, pid, Duration::from_secs(5)).await;
+        take_at_once(&conn, KEY, "once the stalled backend resumed").await;
     });
 }
 
