@@ -6,12 +6,15 @@
 
 mod common;
 
+use std::future::Future;
 use std::io::{self, BufRead, BufReader, Write};
+use std::pin::Pin;
 use std::process::{Child, ChildStdout, Stdio};
 use std::sync::RwLock;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use custodian::pg::{LockKey, LostCause, PgLock, PgLockBuilder, PgLockHeld};
+use custodian::pg::{LockKey, LostCause, PgLock, PgLockBuilder, PgLockHeld, PgSession};
 use rustix::process::{Pid, Signal, kill_process};
 
 /// The restart test takes this exclusively; every other test shares it, so that no test
@@ -91,6 +94,18 @@ async fn wait_gone(client: &tokio_postgres::Client, pid: i32, limit: Duration) {
     }
 }
 
+/// Polls until no session with `application_name` `app` is left.
+async fn wait_no_sessions(client: &tokio_postgres::Client, app: &str, limit: Duration) {
+    let start = Instant::now();
+    while sessions(client, "application_name = $1", &app).await > 0 {
+        assert!(
+            start.elapsed() < limit,
+            "sessions of {app:?} still there after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// How many sessions `pg_stat_activity` shows that match `filter` (with `$1` = `arg`).
 async fn sessions(
     client: &tokio_postgres::Client,
@@ -122,6 +137,50 @@ fn freeze(pid: i32) -> custodian::ScopeGuard<Pid, impl FnOnce(Pid)> {
             eprintln!("cannot resume backend {pid:?} with SIGCONT: {e}");
         }
     })
+}
+
+/// An attempt that `try_acquire` and `acquire_timeout` both fit: a held lock is an error
+/// of kind `WouldBlock`.
+type Attempt = Pin<Box<dyn Future<Output = io::Result<PgLock>> + Send>>;
+
+/// `try_acquire(key)`, or with `timed` `acquire_timeout(key, 5 s)`, on a new session.
+fn attempt(options: &PgLockBuilder, key: i64, timed: bool) -> Attempt {
+    if timed {
+        Box::pin(options.acquire_timeout(key, Duration::from_secs(5)))
+    } else {
+        let attempt = options.try_acquire(key);
+        Box::pin(async move { attempt.await?.map_err(io::Error::from) })
+    }
+}
+
+/// As [`attempt`], on `session`.
+fn attempt_on(session: PgSession, key: i64, timed: bool) -> Attempt {
+    if timed {
+        Box::pin(session.acquire_timeout(key, Duration::from_secs(5)))
+    } else {
+        let attempt = session.try_acquire(key);
+        Box::pin(async move { attempt.await?.map_err(io::Error::from) })
+    }
+}
+
+/// The name of an attempt, for messages.
+fn method(timed: bool) -> &'static str {
+    if timed {
+        "acquire_timeout"
+    } else {
+        "try_acquire"
+    }
+}
+
+/// Takes `key` on a new session and gives the session back: its statements are
+/// prepared, so the next attempt on it goes straight to the lock query.
+async fn warm_session(options: &PgLockBuilder, key: i64) -> PgSession {
+    let lock = options
+        .try_acquire(key)
+        .await
+        .unwrap()
+        .expect("the key is free");
+    lock.release().await.unwrap()
 }
 
 /// Takes `key` at once on a new session of its own (panics if it is held) and lets go.
@@ -684,26 +743,167 @@ fn a_cancelled_wait_never_takes_the_lock_later() {
     let _server = SERVER.read();
     common::current_thread().block_on(async {
         let client = raw(&conn).await;
-        let holder = options(&conn, "first").acquire(9_008).await.unwrap();
         let waiter = options(&conn, "waiter");
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), waiter.acquire(9_008))
+        let waits: [(&str, Attempt); 2] = [
+            ("acquire", Box::pin(waiter.acquire(9_008))),
+            (
+                "acquire_timeout",
+                Box::pin(waiter.acquire_timeout(9_008, Duration::from_secs(30))),
+            ),
+        ];
+        for (method, wait) in waits {
+            let holder = options(&conn, "first").acquire(9_008).await.unwrap();
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), wait)
+                    .await
+                    .is_err(),
+                "{method} took a held lock"
+            );
+            holder.close().await.unwrap();
+            // Had the waiter's backend kept waiting, it would now hold the lock.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(held_by(&client, 9_008).await, Vec::<i32>::new(), "{method}");
+            let waiting = sessions(&client, "application_name = $1", &"waiter").await;
+            assert_eq!(waiting, 0, "the session of the cancelled {method} is gone");
+        }
+    });
+}
+
+#[test]
+fn try_acquire_and_acquire_timeout_cancelled_at_any_point_never_leave_the_lock_held() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        const KEY: i64 = 9_017;
+        let client = raw(&conn).await;
+        let opts = options(&conn, "cancelled-anywhere");
+        for timed in [false, true] {
+            // How long a whole attempt takes (connect, prepare, lock): the cancellations
+            // below fall all over it, and past it.
+            let start = Instant::now();
+            attempt(&opts, KEY, timed)
                 .await
-                .is_err()
-        );
-        holder.close().await.unwrap();
-        // Had the waiter's backend kept waiting, it would now hold the lock.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(held_by(&client, 9_008).await, Vec::<i32>::new());
-        let waiting: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'waiter'",
-                &[],
-            )
+                .unwrap()
+                .close()
+                .await
+                .unwrap();
+            let whole = start.elapsed();
+            let mut cancelled = 0;
+            for i in 0..=24 {
+                let delay = whole * i / 16;
+                match tokio::time::timeout(delay, attempt(&opts, KEY, timed)).await {
+                    // Done before the deadline: the key was free, it got it.
+                    Ok(got) => got.unwrap().close().await.unwrap(),
+                    Err(_) => cancelled += 1,
+                }
+                // Nothing of the attempt is left (its session would hold the lock), ...
+                wait_no_sessions(&client, "cancelled-anywhere", Duration::from_secs(5)).await;
+                // ... and another session takes the key at once.
+                let after = format!("after {} cancelled at {delay:?}", method(timed));
+                take_at_once(&conn, KEY, &after).await;
+            }
+            assert!(cancelled > 0, "no {} was cancelled", method(timed));
+        }
+        // The options are still usable.
+        opts.try_acquire(KEY)
             .await
             .unwrap()
-            .get(0);
-        assert_eq!(waiting, 0, "the waiter's session is gone");
+            .expect("free")
+            .close()
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn an_attempt_cancelled_after_the_server_granted_the_lock_frees_it() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        const KEY: i64 = 9_018;
+        let client = raw(&conn).await;
+        let opts = options(&conn, "granted-unseen");
+        for timed in [false, true] {
+            // Retried when the attempt completes before it can be dropped (a slow server
+            // answers between two looks at it).
+            let mut dropped = false;
+            for _ in 0..10 {
+                let session = warm_session(&opts, KEY).await;
+                let pid = session.backend_pid();
+                let mut attempt = attempt_on(session, KEY, timed);
+                // Poll the attempt, one step at a time, until the server has granted the
+                // lock; it is not polled after that, so it never sees the answer.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let completed = loop {
+                    if held_by(&client, KEY).await == [pid] {
+                        break None;
+                    }
+                    assert!(Instant::now() < deadline, "the lock was never granted");
+                    let step = std::future::poll_fn(|cx| Poll::Ready(attempt.as_mut().poll(cx)));
+                    if let Poll::Ready(got) = step.await {
+                        break Some(got);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                };
+                if let Some(got) = completed {
+                    got.unwrap().close().await.unwrap();
+                    wait_free(&client, KEY, Duration::from_secs(5)).await;
+                    continue;
+                }
+                // Held on the server, not yet a PgLock: dropped, the attempt closes its
+                // connection, and the server frees the lock with the session.
+                drop(attempt);
+                wait_free(&client, KEY, Duration::from_secs(2)).await;
+                wait_gone(&client, pid, Duration::from_secs(2)).await;
+                take_at_once(&conn, KEY, &format!("after a granted {}", method(timed))).await;
+                dropped = true;
+                break;
+            }
+            assert!(
+                dropped,
+                "{} completed each time before it could be dropped",
+                method(timed)
+            );
+        }
+    });
+}
+
+#[test]
+fn an_attempt_cancelled_while_its_backend_is_frozen_never_holds_the_lock_after_it_resumes() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        const KEY: i64 = 9_019;
+        let client = raw(&conn).await;
+        let opts = options(&conn, "frozen-attempt");
+        for timed in [false, true] {
+            let session = warm_session(&opts, KEY).await;
+            let pid = session.backend_pid();
+            let frozen = freeze(pid);
+            // The query waits in the stopped backend's socket.
+            let pending =
+                tokio::time::timeout(Duration::from_millis(200), attempt_on(session, KEY, timed));
+            assert!(pending.await.is_err(), "a stopped backend answered");
+            // It never ran: another session takes the key at once, and lets it go ...
+            take_at_once(
+                &conn,
+                KEY,
+                &format!("while a cancelled {} is frozen", method(timed)),
+            )
+            .await;
+            // ... so that a stale lock query would get it, if it ran once the backend
+            // resumes. The backend finds its connection closed and exits, and the lock
+            // goes with it.
+            drop(frozen);
+            wait_gone(&client, pid, Duration::from_secs(5)).await;
+            assert_eq!(held_by(&client, KEY).await, Vec::<i32>::new());
+            take_at_once(
+                &conn,
+                KEY,
+                &format!("once a cancelled {} resumed", method(timed)),
+            )
+            .await;
+        }
     });
 }
 
