@@ -6,12 +6,16 @@
 
 mod common;
 
+use std::future::Future;
 use std::io::{self, BufRead, BufReader, Write};
+use std::pin::Pin;
 use std::process::{Child, ChildStdout, Stdio};
 use std::sync::RwLock;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use custodian::pg::{LockKey, LostCause, PgLock, PgLockBuilder, PgLockHeld};
+use custodian::pg::{LockKey, LostCause, PgLock, PgLockBuilder, PgLockHeld, PgSession};
+use rustix::process::{Pid, Signal, kill_process};
 
 /// The restart test takes this exclusively; every other test shares it, so that no test
 /// sees the server go away under it.
@@ -74,6 +78,116 @@ async fn wait_free(client: &tokio_postgres::Client, key: i64, limit: Duration) -
             "lock {key} still held after {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls until the server has no backend `pid` (its session ended, and its locks went
+/// with it: a backend releases its locks before it leaves `pg_stat_activity`).
+async fn wait_gone(client: &tokio_postgres::Client, pid: i32, limit: Duration) {
+    let start = Instant::now();
+    while sessions(client, "pid = $1", &pid).await > 0 {
+        assert!(
+            start.elapsed() < limit,
+            "backend {pid} still there after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls until no session with `application_name` `app` is left.
+async fn wait_no_sessions(client: &tokio_postgres::Client, app: &str, limit: Duration) {
+    let start = Instant::now();
+    while sessions(client, "application_name = $1", &app).await > 0 {
+        assert!(
+            start.elapsed() < limit,
+            "sessions of {app:?} still there after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How many sessions `pg_stat_activity` shows that match `filter` (with `$1` = `arg`).
+async fn sessions(
+    client: &tokio_postgres::Client,
+    filter: &str,
+    arg: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> i64 {
+    client
+        .query_one(
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE {filter}"),
+            &[arg],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Stops the server process `pid` with SIGSTOP: a stalled backend, whose kernel still
+/// acknowledges packets (so neither TCP keepalives nor the TCP user timeout fire) but
+/// which answers nothing. The guard resumes it with SIGCONT when dropped, also when the
+/// test fails, so that no backend is left stopped. (The tests run as root or as the
+/// server's user, so they may signal it.)
+#[must_use = "dropping the guard resumes the backend at once"]
+fn freeze(pid: i32) -> custodian::ScopeGuard<Pid, impl FnOnce(Pid)> {
+    let pid = Pid::from_raw(pid).expect("a backend pid is positive");
+    kill_process(pid, Signal::STOP).expect("SIGSTOP the backend");
+    custodian::guard(pid, |pid| {
+        // No panic here: this also runs while a failed test unwinds.
+        if let Err(e) = kill_process(pid, Signal::CONT) {
+            eprintln!("cannot resume backend {pid:?} with SIGCONT: {e}");
+        }
+    })
+}
+
+/// An attempt that `try_acquire` and `acquire_timeout` both fit: a held lock is an error
+/// of kind `WouldBlock`.
+type Attempt = Pin<Box<dyn Future<Output = io::Result<PgLock>> + Send>>;
+
+/// `try_acquire(key)`, or with `timed` `acquire_timeout(key, 5 s)`, on a new session.
+fn attempt(options: &PgLockBuilder, key: i64, timed: bool) -> Attempt {
+    if timed {
+        Box::pin(options.acquire_timeout(key, Duration::from_secs(5)))
+    } else {
+        let attempt = options.try_acquire(key);
+        Box::pin(async move { attempt.await?.map_err(io::Error::from) })
+    }
+}
+
+/// As [`attempt`], on `session`.
+fn attempt_on(session: PgSession, key: i64, timed: bool) -> Attempt {
+    if timed {
+        Box::pin(session.acquire_timeout(key, Duration::from_secs(5)))
+    } else {
+        let attempt = session.try_acquire(key);
+        Box::pin(async move { attempt.await?.map_err(io::Error::from) })
+    }
+}
+
+/// The name of an attempt, for messages.
+fn method(timed: bool) -> &'static str {
+    if timed {
+        "acquire_timeout"
+    } else {
+        "try_acquire"
+    }
+}
+
+/// Takes `key` on a new session and gives the session back: its statements are
+/// prepared, so the next attempt on it goes straight to the lock query.
+async fn warm_session(options: &PgLockBuilder, key: i64) -> PgSession {
+    let lock = options
+        .try_acquire(key)
+        .await
+        .unwrap()
+        .expect("the key is free");
+    lock.release().await.unwrap()
+}
+
+/// Takes `key` at once on a new session of its own (panics if it is held) and lets go.
+async fn take_at_once(conn: &str, key: i64, after: &str) {
+    match options(conn, "bystander").try_acquire(key).await.unwrap() {
+        Ok(lock) => lock.close().await.unwrap(),
+        Err(held) => panic!("{after}, another session cannot take the key: {held}"),
     }
 }
 
@@ -512,6 +626,38 @@ fn unlocked_behind_the_guards_back_fires_lost_and_close_reports_it() {
 }
 
 #[test]
+fn a_frozen_backend_fires_lost_with_check_timed_out_within_interval_plus_timeout() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let (interval, timeout) = (Duration::from_millis(200), Duration::from_millis(300));
+        let opts = options(&conn, "frozen-holder")
+            .check_interval(interval)
+            .check_timeout(timeout);
+        let lock = opts.acquire(9_015).await.unwrap();
+        // A silent failure: the connection stays up, nothing answers.
+        let frozen = freeze(lock.backend_pid());
+        let start = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), lock.lost())
+            .await
+            .expect("lost() fired");
+        let took = start.elapsed();
+        // The documented bound, the check interval plus the check timeout (500 ms), with
+        // slack for a loaded machine.
+        assert!(
+            took < interval + timeout + Duration::from_secs(2),
+            "lost() after {took:?}"
+        );
+        assert_eq!(lock.lost_cause(), Some(&LostCause::CheckTimedOut(timeout)));
+        drop(frozen);
+        // Resumed, the backend still holds the lock (lost() means it can no longer be
+        // assumed held, not that it is free), and close() unlocks it.
+        lock.close().await.unwrap();
+        wait_free(&raw(&conn).await, 9_015, Duration::from_secs(5)).await;
+    });
+}
+
+#[test]
 fn a_lost_lock_counts_one_failure_in_the_ledger_with_its_error_event() {
     let Some(conn) = server() else { return };
     // Alone: failures are counted process-wide, and other tests lose locks on purpose.
@@ -597,26 +743,167 @@ fn a_cancelled_wait_never_takes_the_lock_later() {
     let _server = SERVER.read();
     common::current_thread().block_on(async {
         let client = raw(&conn).await;
-        let holder = options(&conn, "first").acquire(9_008).await.unwrap();
         let waiter = options(&conn, "waiter");
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), waiter.acquire(9_008))
+        let waits: [(&str, Attempt); 2] = [
+            ("acquire", Box::pin(waiter.acquire(9_008))),
+            (
+                "acquire_timeout",
+                Box::pin(waiter.acquire_timeout(9_008, Duration::from_secs(30))),
+            ),
+        ];
+        for (method, wait) in waits {
+            let holder = options(&conn, "first").acquire(9_008).await.unwrap();
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), wait)
+                    .await
+                    .is_err(),
+                "{method} took a held lock"
+            );
+            holder.close().await.unwrap();
+            // Had the waiter's backend kept waiting, it would now hold the lock.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(held_by(&client, 9_008).await, Vec::<i32>::new(), "{method}");
+            let waiting = sessions(&client, "application_name = $1", &"waiter").await;
+            assert_eq!(waiting, 0, "the session of the cancelled {method} is gone");
+        }
+    });
+}
+
+#[test]
+fn try_acquire_and_acquire_timeout_cancelled_at_any_point_never_leave_the_lock_held() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        const KEY: i64 = 9_017;
+        let client = raw(&conn).await;
+        let opts = options(&conn, "cancelled-anywhere");
+        for timed in [false, true] {
+            // How long a whole attempt takes (connect, prepare, lock): the cancellations
+            // below fall all over it, and past it.
+            let start = Instant::now();
+            attempt(&opts, KEY, timed)
                 .await
-                .is_err()
-        );
-        holder.close().await.unwrap();
-        // Had the waiter's backend kept waiting, it would now hold the lock.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(held_by(&client, 9_008).await, Vec::<i32>::new());
-        let waiting: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'waiter'",
-                &[],
-            )
+                .unwrap()
+                .close()
+                .await
+                .unwrap();
+            let whole = start.elapsed();
+            let mut cancelled = 0;
+            for i in 0..=24 {
+                let delay = whole * i / 16;
+                match tokio::time::timeout(delay, attempt(&opts, KEY, timed)).await {
+                    // Done before the deadline: the key was free, it got it.
+                    Ok(got) => got.unwrap().close().await.unwrap(),
+                    Err(_) => cancelled += 1,
+                }
+                // Nothing of the attempt is left (its session would hold the lock), ...
+                wait_no_sessions(&client, "cancelled-anywhere", Duration::from_secs(5)).await;
+                // ... and another session takes the key at once.
+                let after = format!("after {} cancelled at {delay:?}", method(timed));
+                take_at_once(&conn, KEY, &after).await;
+            }
+            assert!(cancelled > 0, "no {} was cancelled", method(timed));
+        }
+        // The options are still usable.
+        opts.try_acquire(KEY)
             .await
             .unwrap()
-            .get(0);
-        assert_eq!(waiting, 0, "the waiter's session is gone");
+            .expect("free")
+            .close()
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn an_attempt_cancelled_after_the_server_granted_the_lock_frees_it() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        const KEY: i64 = 9_018;
+        let client = raw(&conn).await;
+        let opts = options(&conn, "granted-unseen");
+        for timed in [false, true] {
+            // Retried when the attempt completes before it can be dropped (a slow server
+            // answers between two looks at it).
+            let mut dropped = false;
+            for _ in 0..10 {
+                let session = warm_session(&opts, KEY).await;
+                let pid = session.backend_pid();
+                let mut attempt = attempt_on(session, KEY, timed);
+                // Poll the attempt, one step at a time, until the server has granted the
+                // lock; it is not polled after that, so it never sees the answer.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let completed = loop {
+                    if held_by(&client, KEY).await == [pid] {
+                        break None;
+                    }
+                    assert!(Instant::now() < deadline, "the lock was never granted");
+                    let step = std::future::poll_fn(|cx| Poll::Ready(attempt.as_mut().poll(cx)));
+                    if let Poll::Ready(got) = step.await {
+                        break Some(got);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                };
+                if let Some(got) = completed {
+                    got.unwrap().close().await.unwrap();
+                    wait_free(&client, KEY, Duration::from_secs(5)).await;
+                    continue;
+                }
+                // Held on the server, not yet a PgLock: dropped, the attempt closes its
+                // connection, and the server frees the lock with the session.
+                drop(attempt);
+                wait_free(&client, KEY, Duration::from_secs(2)).await;
+                wait_gone(&client, pid, Duration::from_secs(2)).await;
+                take_at_once(&conn, KEY, &format!("after a granted {}", method(timed))).await;
+                dropped = true;
+                break;
+            }
+            assert!(
+                dropped,
+                "{} completed each time before it could be dropped",
+                method(timed)
+            );
+        }
+    });
+}
+
+#[test]
+fn an_attempt_cancelled_while_its_backend_is_frozen_never_holds_the_lock_after_it_resumes() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        const KEY: i64 = 9_019;
+        let client = raw(&conn).await;
+        let opts = options(&conn, "frozen-attempt");
+        for timed in [false, true] {
+            let session = warm_session(&opts, KEY).await;
+            let pid = session.backend_pid();
+            let frozen = freeze(pid);
+            // The query waits in the stopped backend's socket.
+            let pending =
+                tokio::time::timeout(Duration::from_millis(200), attempt_on(session, KEY, timed));
+            assert!(pending.await.is_err(), "a stopped backend answered");
+            // It never ran: another session takes the key at once, and lets it go ...
+            take_at_once(
+                &conn,
+                KEY,
+                &format!("while a cancelled {} is frozen", method(timed)),
+            )
+            .await;
+            // ... so that a stale lock query would get it, if it ran once the backend
+            // resumes. The backend finds its connection closed and exits, and the lock
+            // goes with it.
+            drop(frozen);
+            wait_gone(&client, pid, Duration::from_secs(5)).await;
+            assert_eq!(held_by(&client, KEY).await, Vec::<i32>::new());
+            take_at_once(
+                &conn,
+                KEY,
+                &format!("once a cancelled {} resumed", method(timed)),
+            )
+            .await;
+        }
     });
 }
 
@@ -640,23 +927,21 @@ fn an_unlock_with_no_answer_closes_the_connection_after_the_unlock_timeout() {
     let _server = SERVER.read();
     common::current_thread().block_on(async {
         let client = raw(&conn).await;
+        // The check timeout no longer than the interval: the bound is then the unlock
+        // timeout plus two check intervals.
         let opts = options(&conn, "stalled")
             .unlock_timeout(Duration::from_millis(300))
-            .check_interval(Duration::from_millis(100));
+            .check_interval(Duration::from_millis(100))
+            .check_timeout(Duration::from_millis(100));
         let lock = opts.acquire(9_014).await.unwrap();
-        let pid = lock.backend_pid().to_string();
         // A stalled server: the backend process is stopped, the unlock gets no answer.
-        let signal = |sig: &str| {
-            let status = std::process::Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap();
-            assert!(status.success(), "kill {sig} {pid}");
-        };
-        signal("-STOP");
-        let _resume = custodian::guard((), |()| signal("-CONT"));
+        let frozen = freeze(lock.backend_pid());
         let start = Instant::now();
-        let err = lock.close().await.unwrap_err();
+        // Bounded here too, so that a close that never returns fails the test.
+        let err = tokio::time::timeout(Duration::from_secs(10), lock.close())
+            .await
+            .expect("close() returned")
+            .unwrap_err();
         let took = start.elapsed();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
         assert!(
@@ -666,9 +951,94 @@ fn an_unlock_with_no_answer_closes_the_connection_after_the_unlock_timeout() {
         // Not before the timeout; at most two check intervals after it (and slack).
         assert!(took >= Duration::from_millis(300), "{took:?}");
         assert!(took < Duration::from_millis(900), "{took:?}");
-        drop(_resume);
+        drop(frozen);
         // Resumed, the backend finds its connection closed and exits: the lock is free.
         wait_free(&client, 9_014, Duration::from_secs(5)).await;
+    });
+}
+
+#[test]
+fn an_unlock_timeout_behind_a_check_in_flight_stays_within_the_documented_bound() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let (unlock_timeout, interval, check_timeout) = (
+            Duration::from_millis(300),
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        );
+        let opts = options(&conn, "stalled-check")
+            .unlock_timeout(unlock_timeout)
+            .check_interval(interval)
+            .check_timeout(check_timeout);
+        let lock = opts.acquire(9_020).await.unwrap();
+        let frozen = freeze(lock.backend_pid());
+        // Past a tick: a liveness check now waits for its answer, and the watch with it.
+        tokio::time::sleep(interval + interval / 2).await;
+        let start = Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(10), lock.close())
+            .await
+            .expect("close() returned")
+            .unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        // The documented bound: the unlock timeout plus one check interval plus the
+        // longer of the check interval and the check timeout (1.4 s), with slack.
+        let bound = unlock_timeout + interval + interval.max(check_timeout);
+        assert!(took >= unlock_timeout, "{took:?}");
+        assert!(took < bound + Duration::from_secs(2), "{took:?}");
+        drop(frozen);
+    });
+}
+
+#[test]
+fn a_dropped_lock_whose_unlock_stalls_is_freed_by_closing_its_connection() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        const KEY: i64 = 9_016;
+        let client = raw(&conn).await;
+        // A reaper of its own, to wait for this lock's cleanup and read how it ended.
+        let reaper = custodian::rt::Reaper::new();
+        let (unlock_timeout, interval) = (Duration::from_millis(300), Duration::from_millis(100));
+        let opts = options(&conn, "dropped-stalled")
+            .unlock_timeout(unlock_timeout)
+            .check_interval(interval)
+            .check_timeout(interval)
+            .reaper(&reaper);
+        let lock = opts.acquire(KEY).await.unwrap();
+        let pid = lock.backend_pid();
+        let frozen = freeze(pid);
+        let start = Instant::now();
+        drop(lock); // never blocks, even with the server stalled
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
+        // The unlock gets no answer: the connection is closed after the unlock timeout,
+        // and the cleanup ends with the unlock's error.
+        let report = reaper.shutdown(Duration::from_secs(10)).await;
+        let took = start.elapsed();
+        assert_eq!(report.failed(), 1, "{report}");
+        let err = report.failures()[0].error().unwrap().to_string();
+        assert!(
+            err.contains("9016") && err.contains("closed instead"),
+            "{err}"
+        );
+        // The documented bound: the unlock timeout plus two check intervals (with a check
+        // timeout no longer than the interval), with slack for a loaded machine.
+        assert!(took >= unlock_timeout, "{took:?}");
+        assert!(
+            took < unlock_timeout + 2 * interval + Duration::from_secs(2),
+            "{took:?}"
+        );
+        // Stopped, the backend still holds the lock; resumed, it finds its connection
+        // closed and exits, and the lock goes with it: another session takes it.
+        assert_eq!(held_by(&client, KEY).await, [pid]);
+        drop(frozen);
+        wait_gone(&client, pid, Duration::from_secs(5)).await;
+        take_at_once(&conn, KEY, "once the stalled backend resumed").await;
     });
 }
 

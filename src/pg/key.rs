@@ -21,7 +21,10 @@ use std::fmt;
 /// assert_eq!(LockKey::from((7, 9)), LockKey::Pair(7, 9));
 /// assert_eq!(LockKey::from("nightly-report").to_string(), "\"nightly-report\"");
 /// ```
+///
+/// More key forms may come (`#[non_exhaustive]`): a `match` on a key needs a `_` arm.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum LockKey {
     /// A 64-bit key.
     Id(i64),

@@ -30,10 +30,20 @@ use crate::rt::AsyncGuard;
 /// Released by [`close`](PgLock::close) (unlock, error if the server says the lock was
 /// not held, close the connection), [`release`](PgLock::release) (unlock, keep the
 /// session for the next lock), or `Drop`, which never blocks: the unlock is handed to
-/// the [`Reaper`](crate::rt::Reaper) and if it fails, takes longer than the unlock
-/// timeout, or no runtime is left, the connection is closed instead, and the server
-/// frees the lock with the session. Either way the lock is free within one round trip
-/// of the drop.
+/// the [`Reaper`](crate::rt::Reaper), then the connection is closed. How soon another
+/// session can take the lock after the drop:
+/// - on a healthy connection, within one round trip (the unlock's);
+/// - if the unlock fails, or no runtime is left to run it, the connection is closed at
+///   once and the server frees the lock with the session;
+/// - if the unlock gets no answer (a stalled server or network), the connection is
+///   closed after the [`unlock_timeout`] and at most one check interval plus the longer
+///   of the check interval and the check timeout (5 s plus at most 2 s with the
+///   defaults). The server frees the lock when it sees the connection closed: at once
+///   if it is running; a stopped or partitioned server, only when it runs again or its
+///   own TCP keepalives end the session.
+///
+/// `close` and `release` return within the same bounds: when the unlock is answered,
+/// or when the connection was closed instead.
 ///
 /// ```no_run
 /// use custodian::pg::PgLockBuilder;
@@ -85,6 +95,7 @@ use crate::rt::AsyncGuard;
 /// Connect directly, or through session pooling. Each held lock takes one connection.
 ///
 /// [`check_interval`]: super::PgLockBuilder::check_interval
+/// [`unlock_timeout`]: super::PgLockBuilder::unlock_timeout
 #[must_use = "dropping a PgLock releases the lock at once"]
 pub struct PgLock {
     /// Empties the session's watch slot when the lock is dropped, before the reaper
@@ -259,6 +270,12 @@ impl PgLock {
     /// The fencing token of this acquisition: larger than that of every earlier
     /// acquisition of the key, by any client (see [Fencing](#fencing)); `None` with
     /// fencing off.
+    ///
+    /// In shared mode each holder gets its own token, so a store that refuses tokens
+    /// smaller than the largest it has seen would also refuse an earlier shared holder
+    /// that still holds the lock. There, refuse a shared holder's write only when its
+    /// token is smaller than the largest an exclusive holder wrote (and an exclusive
+    /// holder's, as usual, when it is smaller than any seen).
     pub fn fence(&self) -> Option<i64> {
         self.fence
     }

@@ -114,14 +114,17 @@ impl PgLockBuilder {
     /// How often the liveness check runs while a lock is held (default 1 s). Each check
     /// is one query on the lock's connection that asks `pg_locks` whether this session
     /// still holds the lock. [`PgLock::lost`] fires within this interval plus one round
-    /// trip of the session's loss (at once when the server closes the connection).
+    /// trip of the session's end (at once when the server closes the connection), and
+    /// within this interval plus the [check timeout](Self::check_timeout) of a silent
+    /// failure (a stalled server, a half-open connection).
     pub fn check_interval(mut self, interval: Duration) -> Self {
         self.check_interval = interval.max(Duration::from_millis(1));
         self
     }
 
-    /// How long a liveness check may take before the lock counts as lost (default: the
-    /// check interval, at least 1 s).
+    /// How long a liveness check may take before the lock counts as lost, with
+    /// [`LostCause::CheckTimedOut`](super::LostCause::CheckTimedOut) (default: the check
+    /// interval, at least 1 s).
     pub fn check_timeout(mut self, timeout: Duration) -> Self {
         self.check_timeout = Some(timeout);
         self
@@ -137,8 +140,12 @@ impl PgLockBuilder {
     /// How long `close`, `release` and a dropped lock wait for the unlock before closing
     /// the connection instead, so that the server frees the lock with the session
     /// (default 5 s). The session's liveness watch enforces it at its ticks (no timer per
-    /// unlock): the connection is closed after at least this long and at most two check
-    /// intervals more.
+    /// unlock): the connection is closed after at least this long and at most one check
+    /// interval plus the longer of the check interval and the [check
+    /// timeout](Self::check_timeout) more (a liveness check already waiting for its
+    /// answer delays the ticks); 2 s more with the defaults. A running server frees the
+    /// lock as soon as it sees the connection closed; a stopped or partitioned one, only
+    /// when it runs again or its own TCP keepalives end the session.
     pub fn unlock_timeout(mut self, timeout: Duration) -> Self {
         self.unlock_timeout = timeout;
         self
