@@ -986,6 +986,24 @@ fn an_unlock_timeout_behind_a_check_in_flight_stays_within_the_documented_bound(
         // longer of the check interval and the check timeout (1.4 s), with slack.
         let bound = unlock_timeout + interval + interval.max(check_timeout);
         assert!(took >= unlock_timeout, "{took:?}");
+        // The message says how long the unlock really waited, not only the timeout.
+        let text = err.to_string();
+        let waited = text
+            .split("no answer after ")
+            .nth(1)
+            .and_then(|rest| rest.split(" (").next())
+            .unwrap_or_else(|| panic!("no wait in {text}"));
+        assert!(text.contains("unlock timeout 300ms"), "{text}");
+        let waited_ms = match waited.strip_suffix("ms") {
+            Some(ms) => ms.parse::<f64>().unwrap(),
+            None => waited.strip_suffix('s').unwrap().parse::<f64>().unwrap() * 1e3,
+        };
+        // Read on a clock of a few milliseconds' resolution.
+        let took_ms = took.as_secs_f64() * 1e3;
+        assert!(
+            waited_ms >= 290.0 && waited_ms <= took_ms + 20.0,
+            "{text}, took {took:?}"
+        );
         assert!(took < bound + Duration::from_secs(2), "{took:?}");
         drop(frozen);
     });

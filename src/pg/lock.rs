@@ -5,6 +5,7 @@ use std::future::Future;
 use std::io;
 use std::panic::Location;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
@@ -143,6 +144,9 @@ impl Held {
         // a timer per unlock.
         let watched = &self.session.watched;
         watched.unlock_started();
+        // For the message only: the watch enforces the timeout at its ticks, so the wait
+        // can be longer than the timeout, and the error says how long it was.
+        let started = crate::ledger::clock::coarse_now();
         let result = self.session.client.query_one(&self.unlock, params).await;
         let timed_out = watched.unlock_finished();
         match result {
@@ -155,8 +159,13 @@ impl Held {
             Err(_) if timed_out => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
-                    "cannot release {}: no answer within {:?}; the connection is closed instead",
-                    self.what, self.session.options.unlock_timeout
+                    "cannot release {}: no answer after {:?} (unlock timeout {:?}); the \
+                     connection is closed instead",
+                    self.what,
+                    Duration::from_millis(
+                        crate::ledger::clock::coarse_now().saturating_sub(started) / 1_000_000
+                    ),
+                    self.session.options.unlock_timeout
                 ),
             )),
             Err(e) => Err(pg_error(
