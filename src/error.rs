@@ -403,8 +403,10 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
 /// keep it with [`into_guard`](GuardError::into_guard) to retry or decide.
 ///
 /// Returned by [`fs::CheckedFile::into_inner`](crate::fs::CheckedFile::into_inner) (a
-/// flush failed: the data is still buffered) and by the child guards' `close` (the child
-/// could not be stopped or reaped). [`fs::CommitError`](crate::fs::CommitError) follows
+/// flush failed: the data is still buffered), by [`fs::TempDir::close`](crate::fs::TempDir::close)
+/// and [`fs::TempFile::close`](crate::fs::TempFile::close) (the removal failed: what is
+/// left is still there) and by the child guards' `close` (the child could not be stopped
+/// or reaped). [`fs::CommitError`](crate::fs::CommitError) follows
 /// the same names (`error`, `guard`, `into_guard`, `into_parts`).
 ///
 /// It displays as its error; `source` is that error's own source, so a report walking

@@ -689,7 +689,27 @@ fn child_emfile() {
         CheckedFile::create(d.join("new.log")).map(drop),
         Some(&d.join("new.log")),
     );
+    check(
+        "AtomicFile::create, named temp file",
+        AtomicFile::builder()
+            .named_temp_file(true)
+            .create(d.join("named.txt"))
+            .map(drop),
+        Some(d),
+    );
     check("TempFile::new_in", TempFile::new_in(d).map(drop), None);
+    // `mkdir` needs no descriptor, but removing the directory again does (to read it):
+    // the failed close gives the guard back, to close once descriptors are free.
+    let starved = TempDir::new_in(d).unwrap();
+    let starved_path = starved.path().to_path_buf();
+    let err = starved.close().unwrap_err();
+    assert!(is_emfile(err.error()), "TempDir::close: {err:?}");
+    assert!(
+        err.to_string()
+            .contains(&starved_path.display().to_string()),
+        "{err}"
+    );
+    let starved = err.into_guard();
     check(
         "UnixListenerGuard::bind",
         UnixListenerGuard::bind(d.join("new.sock")).map(drop),
@@ -737,6 +757,8 @@ fn child_emfile() {
     drop(fillers);
     removed.unwrap();
     assert!(!temp_dir_path.exists());
+    starved.close().unwrap();
+    assert!(!starved_path.exists());
     // Nor any temp file of the failed AtomicFile::create or TempFile::new_in.
     assert_eq!(listing(d), ["held.log"], "only the closed log file is left");
     assert_eq!(fs::read(d.join("held.log")).unwrap(), b"logged");

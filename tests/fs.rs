@@ -1198,11 +1198,40 @@ fn tempdir_failed_removal_is_returned_and_reported() {
     chmod(&sub, 0o555);
     let path = dir.path().to_path_buf();
     let err = unprivileged(|| dir.close()).unwrap_err();
-    assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+    assert_eq!(err.error().kind(), io::ErrorKind::PermissionDenied, "{err}");
     assert!(
         err.to_string().contains(&path.display().to_string()),
         "{err}"
     );
+    // The guard comes back with the error: once the cause is fixed, it closes.
+    let dir = err.into_guard();
+    assert_eq!(dir.path(), path);
+    chmod(&sub, 0o755);
+    let before = ledger::snapshot();
+    let ((), events) = capture(|| dir.close().unwrap());
+    assert!(!path.exists());
+    assert!(common::errors(&events).is_empty(), "{events:?}");
+    assert_eq!(
+        ledger::snapshot()
+            .since(&before)
+            .get("custodian::fs::TempDir")
+            .failed,
+        0
+    );
+
+    // A returned failure dropped with its guard: tried once more, counted, not reported
+    // a second time.
+    let dir = TempDir::new_in(parent.path()).unwrap();
+    let sub = dir.path().join("read-only");
+    fs::create_dir(&sub).unwrap();
+    fs::write(sub.join("stuck"), "x").unwrap();
+    chmod(&sub, 0o555);
+    let path = dir.path().to_path_buf();
+    let before = ledger::snapshot();
+    let ((), events) = unprivileged(|| capture(|| drop(dir.close().unwrap_err())));
+    assert!(common::errors(&events).is_empty(), "{events:?}");
+    assert_failure_counted(&before, "custodian::fs::TempDir");
+    assert!(path.exists(), "the removal really failed twice");
 
     let before = ledger::snapshot();
     let dir = TempDir::new_in(parent.path()).unwrap();
@@ -1234,7 +1263,13 @@ fn tempfile_failed_removal_is_returned_and_reported() {
     chmod(parent.path(), 0o555);
     let err = unprivileged(|| file.close()).unwrap_err();
     chmod(parent.path(), 0o755);
-    assert_error(&err, io::ErrorKind::PermissionDenied, &path);
+    assert_error(err.error(), io::ErrorKind::PermissionDenied, &path);
+    // The guard comes back with the error, content untouched: once the cause is fixed,
+    // it closes.
+    let file = err.into_guard();
+    assert_eq!(file.path(), path);
+    file.close().unwrap();
+    assert!(!path.exists());
 
     let mut file = TempFile::new_in(parent.path()).unwrap();
     file.write_all(b"spill").unwrap();
@@ -1248,10 +1283,7 @@ fn tempfile_failed_removal_is_returned_and_reported() {
         &path2.display().to_string(),
         None,
     );
-    assert!(
-        path.exists() && path2.exists(),
-        "the removals really failed"
-    );
+    assert!(path2.exists(), "the removal really failed");
 }
 
 #[test]

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use tempfile::NamedTempFile;
 
-use crate::Close;
+use crate::io_error::path_error;
 use crate::ledger::{Kind, Ticket};
+use crate::{Close, GuardError};
 
 static DIR_KIND: Kind = Kind::new("custodian::fs::TempDir");
 static FILE_KIND: Kind = Kind::new("custodian::fs::TempFile");
@@ -40,6 +41,9 @@ pub struct TempDir {
     /// `None` once closed or given away.
     inner: Option<tempfile::TempDir>,
     ticket: Ticket,
+    /// Set when `close` returned a failed removal with the guard: its `Drop` then tries
+    /// again without reporting that failure a second time (it only counts it).
+    failure_returned: bool,
 }
 
 impl TempDir {
@@ -97,6 +101,7 @@ impl TempDir {
         TempDir {
             inner: Some(dir),
             ticket: Ticket::at(&DIR_KIND, site),
+            failure_returned: false,
         }
     }
 
@@ -110,12 +115,45 @@ impl TempDir {
     ///
     /// # Errors
     /// The removal's error, naming the path (e.g. `PermissionDenied` for a read-only
-    /// subdirectory). Nothing is retried: what could not be removed stays.
-    pub fn close(mut self) -> io::Result<()> {
-        match self.inner.take() {
-            Some(dir) => dir.close(),
-            None => Ok(()),
+    /// subdirectory, `EMFILE` with no descriptor left to read a directory with), with the
+    /// `TempDir` given back ([`GuardError::into_guard`]): what could not be removed is
+    /// still there, and the guard can close it again once the cause is fixed. Dropped,
+    /// the error's guard tries once more and counts a failure in the ledger if that fails
+    /// too, without a second error event. `?` in a function returning `io::Result`
+    /// converts it into the `io::Error`.
+    ///
+    /// ```
+    /// # #[cfg(unix)] {
+    /// use std::os::unix::fs::PermissionsExt;
+    /// let dir = custodian::fs::TempDir::new()?;
+    /// let sub = dir.path().join("read-only");
+    /// std::fs::create_dir(&sub)?;
+    /// std::fs::write(sub.join("stuck"), "x")?;
+    /// std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o555))?;
+    /// let dir = match dir.close() {
+    ///     Ok(()) => return Ok(()), // as root: removed anyway
+    ///     Err(e) => e.into_guard(),
+    /// };
+    /// std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755))?;
+    /// dir.close()?; // the second try removes it
+    /// assert!(!sub.exists());
+    /// # }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn close(mut self) -> Result<(), GuardError<TempDir>> {
+        let Some(dir) = &self.inner else {
+            return Ok(());
+        };
+        if let Err(e) = std::fs::remove_dir_all(dir.path()) {
+            let error = path_error("cannot remove the temp directory", dir.path(), e);
+            self.failure_returned = true;
+            return Err(GuardError::new(error, self));
         }
+        if let Some(dir) = self.inner.take() {
+            // Removed: nothing left for tempfile's `Drop` to do.
+            let _ = dir.keep();
+        }
+        Ok(())
     }
 
     /// Escape hatch: keeps the directory on disk and returns its path.
@@ -177,7 +215,7 @@ impl Close for TempDir {
     type Error = io::Error;
 
     fn close(self) -> io::Result<()> {
-        TempDir::close(self)
+        TempDir::close(self).map_err(io::Error::from)
     }
 }
 
@@ -185,6 +223,13 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         if let Some(dir) = self.inner.take() {
             let path = dir.path().to_path_buf();
+            if self.failure_returned {
+                // `close` returned this failure already: one more try, counted if it fails.
+                if dir.close().is_err() {
+                    self.ticket.count_failure();
+                }
+                return;
+            }
             self.ticket.dropped_without_close(&path.display());
             if let Err(e) = dir.close() {
                 self.ticket.failure(&path.display(), &e);
@@ -227,6 +272,8 @@ pub struct TempFile {
     /// `None` once closed or given away.
     inner: Option<NamedTempFile>,
     ticket: Ticket,
+    /// As `TempDir`'s: `close` returned a failed removal with the guard.
+    failure_returned: bool,
 }
 
 impl TempFile {
@@ -284,6 +331,7 @@ impl TempFile {
         TempFile {
             inner: Some(file),
             ticket: Ticket::at(&FILE_KIND, site),
+            failure_returned: false,
         }
     }
 
@@ -298,12 +346,26 @@ impl TempFile {
     /// ```
     ///
     /// # Errors
-    /// The removal's error, naming the path.
-    pub fn close(mut self) -> io::Result<()> {
-        match self.inner.take() {
-            Some(file) => file.close(),
-            None => Ok(()),
+    /// The removal's error, naming the path, with the `TempFile` given back
+    /// ([`GuardError::into_guard`]) to close again once the cause is fixed (its content
+    /// is untouched). Dropped, the error's guard tries once more and counts a failure in
+    /// the ledger if that fails too, without a second error event.
+    pub fn close(mut self) -> Result<(), GuardError<TempFile>> {
+        let Some(file) = &self.inner else {
+            return Ok(());
+        };
+        if let Err(e) = std::fs::remove_file(file.path()) {
+            let error = path_error("cannot remove the temp file", file.path(), e);
+            self.failure_returned = true;
+            return Err(GuardError::new(error, self));
         }
+        if let Some(file) = self.inner.take() {
+            // Removed: tempfile's `Drop` has nothing left to remove; the file closes.
+            let (file, path) = file.into_parts();
+            let _ = path.keep();
+            drop(file);
+        }
+        Ok(())
     }
 
     /// Escape hatch: the `NamedTempFile`, no longer watched (to `persist` or `keep` it; its
@@ -388,7 +450,7 @@ impl Close for TempFile {
     type Error = io::Error;
 
     fn close(self) -> io::Result<()> {
-        TempFile::close(self)
+        TempFile::close(self).map_err(io::Error::from)
     }
 }
 
@@ -396,6 +458,13 @@ impl Drop for TempFile {
     fn drop(&mut self) {
         if let Some(file) = self.inner.take() {
             let path = file.path().to_path_buf();
+            if self.failure_returned {
+                // `close` returned this failure already: one more try, counted if it fails.
+                if file.close().is_err() {
+                    self.ticket.count_failure();
+                }
+                return;
+            }
             self.ticket.dropped_without_close(&path.display());
             if let Err(e) = file.close() {
                 self.ticket.failure(&path.display(), &e);

@@ -94,7 +94,6 @@ impl Ticket {
     /// One more `failed` in the ledger, with no event: for a failure the caller already
     /// got (a returned error, a panic going on to the caller).
     #[cold]
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn count_failure(&self) {
         self.kind.count_failure();
     }
