@@ -270,26 +270,45 @@ fn lock_file_leaves_the_pid_file_of_a_running_program_alone() {
 
 #[test]
 fn lock_file_takes_over_records_whose_pid_names_another_process_now() {
+    use std::time::{Duration, SystemTime};
     let dir = tempfile::tempdir().unwrap();
-    // A running process that started after the record was written: the writer died and
-    // its pid was reused. Dated an hour back, the record is older than the process.
-    let reused = Running(Command::new("sleep").arg("60").spawn().unwrap());
-    let path = dir.path().join("reused.pid");
-    fs::write(&path, format!("{}\n", reused.0.id())).unwrap();
-    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-    fs::File::options()
-        .write(true)
-        .open(&path)
+    let uptime: f64 = fs::read_to_string("/proc/uptime")
         .unwrap()
-        .set_modified(hour_ago)
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
         .unwrap();
-    let lock = LockFile::acquire(&path).unwrap();
-    assert_eq!(
-        LockFile::owner_pid(&path).unwrap(),
-        Some(std::process::id())
-    );
-    lock.close().unwrap();
-    assert!(!path.exists());
+    let uptime = Duration::from_secs_f64(uptime);
+    let dated = |path: &Path, when: SystemTime| {
+        fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+    };
+    // A running process, and two records of its pid that it cannot have written:
+    let reused = Running(Command::new("sleep").arg("60").spawn().unwrap());
+    for (name, age) in [
+        // written after this boot but well before the process started: the writer died
+        // and its pid was reused (past the judgement's two-second margin, within uptime);
+        ("reused.pid", (uptime / 2).min(Duration::from_secs(3600))),
+        // written before this boot: its writer died with the last one.
+        ("last-boot.pid", uptime + Duration::from_secs(3600)),
+    ] {
+        assert!(age > Duration::from_secs(4), "uptime too short: {uptime:?}");
+        let path = dir.path().join(name);
+        fs::write(&path, format!("{}\n", reused.0.id())).unwrap();
+        dated(&path, SystemTime::now() - age);
+        let lock = LockFile::acquire(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            LockFile::owner_pid(&path).unwrap(),
+            Some(std::process::id())
+        );
+        lock.close().unwrap();
+        assert!(!path.exists());
+    }
 
     // A zombie: the process exited and only waits to be reaped; it writes nothing.
     let mut zombie = Command::new("true").spawn().unwrap();

@@ -544,31 +544,58 @@ fn atomic_removes_stale_temp_files_of_dead_writers_only() {
     let mut dead = Command::new("true").spawn().unwrap();
     let dead_pid = dead.id();
     dead.wait().unwrap();
-    let stale = dir.path().join(format!(".data.AbC123.{dead_pid}.tmp"));
+    let stale = dir
+        .path()
+        .join(format!(".data.custodian.AbC123.{dead_pid}.tmp"));
     fs::write(&stale, "half").unwrap();
     // Another target's, left by a dead writer too: removed in the same listing.
-    let other = dir.path().join(format!(".other.AbC123.{dead_pid}.tmp"));
+    let other = dir
+        .path()
+        .join(format!(".other.custodian.AbC123.{dead_pid}.tmp"));
     fs::write(&other, "half").unwrap();
     // A writer that is alive (this process), and files that only look alike.
     let live = dir
         .path()
-        .join(format!(".data.XyZ789.{}.tmp", std::process::id()));
+        .join(format!(".data.custodian.XyZ789.{}.tmp", std::process::id()));
     fs::write(&live, "in progress").unwrap();
     let lookalikes = [
-        format!("data.AbC123.{dead_pid}.tmp"),
-        format!(".AbC123.{dead_pid}.tmp"),
-        format!(".data.AbC12.{dead_pid}.tmp"),
-        format!(".data.AbC123.{dead_pid}.json"),
+        format!(".data.AbC123.{dead_pid}.tmp"), // no marker: another program's
+        format!("data.custodian.AbC123.{dead_pid}.tmp"),
+        format!(".custodian.AbC123.{dead_pid}.tmp"),
+        format!(".data.custodian.AbC12.{dead_pid}.tmp"),
+        format!(".data.custodian.AbC123.{dead_pid}.json"),
+        ".data.custodian.AbC123.99999999.tmp".to_owned(), // no process has that pid
         ".data.tmp".to_owned(),
     ];
     for name in &lookalikes {
         fs::write(dir.path().join(name), "a user's file").unwrap();
     }
+    // The right name, but a FIFO (opening it must not hang the scan) and, when we can
+    // make one, a file of another user: neither is what a writer of ours left.
+    let fifo = dir
+        .path()
+        .join(format!(".pipe.custodian.FiFo12.{dead_pid}.tmp"));
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let foreign = dir
+        .path()
+        .join(format!(".theirs.custodian.AbC123.{dead_pid}.tmp"));
+    fs::write(&foreign, "another user's").unwrap();
+    let foreign_owned = std::os::unix::fs::chown(&foreign, Some(65534), None).is_ok();
 
     let file = named().create(&path).unwrap();
     assert!(!stale.exists(), "a dead writer's temp file is removed");
     assert!(!other.exists(), "so is one of another target");
     assert!(live.exists(), "a live writer's temp file is kept");
+    assert!(fifo.exists(), "a FIFO is not a temp file of ours");
+    if foreign_owned {
+        assert!(foreign.exists(), "another user's file is kept");
+    }
     for name in &lookalikes {
         assert_eq!(
             fs::read_to_string(dir.path().join(name)).unwrap(),
@@ -580,7 +607,9 @@ fn atomic_removes_stale_temp_files_of_dead_writers_only() {
 
     // Once per directory and process: a file that appears later waits for the next
     // process, whichever target is written next.
-    let later = dir.path().join(format!(".data.LaTeR1.{dead_pid}.tmp"));
+    let later = dir
+        .path()
+        .join(format!(".data.custodian.LaTeR1.{dead_pid}.tmp"));
     fs::write(&later, "half").unwrap();
     named().create(&path).unwrap().commit().unwrap();
     named()
@@ -596,7 +625,9 @@ fn atomic_removes_stale_temp_files_of_dead_writers_only() {
     // A dead pid, but the file is locked (a writer in another pid namespace): kept.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("data");
-    let locked = dir.path().join(format!(".data.LoCkEd.{dead_pid}.tmp"));
+    let locked = dir
+        .path()
+        .join(format!(".data.custodian.LoCkEd.{dead_pid}.tmp"));
     fs::write(&locked, "foreign writer").unwrap();
     let holder = fs::File::open(&locked).unwrap();
     holder.lock().unwrap();
@@ -608,7 +639,9 @@ fn atomic_removes_stale_temp_files_of_dead_writers_only() {
     if cfg!(target_os = "linux") {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data");
-        let stale = dir.path().join(format!(".data.AbC123.{dead_pid}.tmp"));
+        let stale = dir
+            .path()
+            .join(format!(".data.custodian.AbC123.{dead_pid}.tmp"));
         fs::write(&stale, "half").unwrap();
         AtomicFile::create(&path).unwrap().commit().unwrap();
         assert!(stale.exists());

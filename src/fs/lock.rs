@@ -63,6 +63,19 @@ const MAX_BACKOFF: Duration = Duration::from_millis(50);
 ///   [`io::ErrorKind::AlreadyExists`] naming the path ("… exists and is not a lock file;
 ///   it was left untouched"), and the file is left byte-for-byte unchanged.
 ///
+/// When in doubt, a record is refused, never taken over: a refusal names the path and the
+/// pid and loses nothing, a wrong takeover deletes another program's file. Cases that
+/// are refused although the holder is gone: a pid reused within two seconds of the
+/// record being written (file systems date files that coarsely); a record whose pid
+/// names a process of another pid namespace (a lock directory shared between
+/// containers) that happens to be running here and predates the record; a record dated
+/// in the future (the clock went back); on systems other than Linux, or where
+/// `/proc/<pid>/stat` cannot be read (`hidepid`), any record whose pid is running; and
+/// a lock given away with [`LockFile::into_inner`] whose file was then closed by a
+/// process that still runs. A forward step of the clock after the record was written
+/// (a device without a real-time clock, set by NTP after boot) can make a running
+/// program's record look older than this boot, and so taken over.
+///
 /// Release removes (or empties) the file only if the path still names the inode we locked
 /// **and** the file still holds our record; a file someone rewrote meanwhile is left
 /// alone. If writing our pid fails (a full disk), a file this `acquire` created is
@@ -92,7 +105,8 @@ const MAX_BACKOFF: Duration = Duration::from_millis(50);
 /// # Crashes
 /// The kernel releases an `flock` when its holder dies, so a pid file left by a killed
 /// process does not block anyone: the next `acquire` takes the lock at once and writes its
-/// own pid.
+/// own pid (unless the dead holder's pid already names another process that predates
+/// the record: see *Existing files*).
 ///
 /// # NFS and other platforms
 /// On Linux, `flock` on NFS is emulated with whole-file POSIX (`fcntl`) locks, coordinated
@@ -613,7 +627,10 @@ impl LockFile {
     }
 
     /// Escape hatch: the locked file, still locked, no longer managed (nothing is removed;
-    /// the lock goes when the file is closed).
+    /// the lock goes when the file is closed). The file keeps this process's pid: while
+    /// this process runs, an `acquire` in another process refuses it as a record of a
+    /// running process
+    /// (see *Existing files*); empty it before closing it to hand the lock on.
     ///
     /// ```
     /// let dir = tempfile::tempdir()?;

@@ -98,7 +98,8 @@ const RAND_LEN: usize = 6;
 /// not look).
 ///
 /// A named temp file (other systems, file systems without unnamed files, or
-/// [`AtomicFileBuilder::named_temp_file`]) is called `.<target name>.<random>.<pid>.tmp`,
+/// [`AtomicFileBuilder::named_temp_file`]) is called
+/// `.<target name>.custodian.<random>.<pid>.tmp`,
 /// and a writer killed before `commit` leaves it behind. The first `AtomicFile` a process
 /// creates with a named temp file in a directory removes such files, of any target, whose writer is gone (no
 /// process with that pid, and the file not locked: each writer holds a `flock` on its
@@ -224,7 +225,7 @@ impl AtomicFileBuilder {
         self
     }
 
-    /// Whether to stage in a named temp file, `.<name>.<random>.<pid>.tmp`, even where an
+    /// Whether to stage in a named temp file, `.<name>.custodian.<random>.<pid>.tmp`, even where an
     /// unnamed one is possible (default `false`; only Linux has unnamed ones): for a
     /// staged file that other programs can open by its path
     /// ([`AtomicFile::temp_path`]). A writer killed before `commit` then leaves it behind
@@ -833,9 +834,12 @@ fn split_target(target: &Path) -> Option<(&Path, &OsStr)> {
     Some((parent_dir(target), target.file_name()?))
 }
 
-/// `.<name>.`: the start of every temp file's name for target `name`.
+/// `.<name>.custodian.`: the start of every temp file's name for target `name`. The
+/// marker keeps the names of files a crashed writer leaves (which `create` may remove)
+/// apart from anything a user would name a file.
 fn temp_prefix(name: &OsStr) -> OsString {
-    let mut prefix = OsString::with_capacity(2 + name.len().min(MAX_NAME_IN_TEMP));
+    let mut prefix =
+        OsString::with_capacity(TEMP_MARKER.len() + 2 + name.len().min(MAX_NAME_IN_TEMP));
     prefix.push(".");
     if name.len() <= MAX_NAME_IN_TEMP {
         prefix.push(name);
@@ -848,8 +852,12 @@ fn temp_prefix(name: &OsStr) -> OsString {
         prefix.push(&lossy[..end]);
     }
     prefix.push(".");
+    prefix.push(TEMP_MARKER);
     prefix
 }
+
+/// In every temp file's name, after the target's name (see `temp_prefix`).
+const TEMP_MARKER: &str = "custodian.";
 
 #[cfg(test)]
 mod tests {
@@ -859,7 +867,7 @@ mod tests {
     fn long_names_are_cut_on_a_char_boundary() {
         let name = "é".repeat(100); // 200 bytes
         let prefix = temp_prefix(OsStr::new(&name));
-        assert!(prefix.len() <= MAX_NAME_IN_TEMP + 2);
+        assert!(prefix.len() <= MAX_NAME_IN_TEMP + 2 + TEMP_MARKER.len());
         assert!(prefix.to_str().is_some());
     }
 

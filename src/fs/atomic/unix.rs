@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
-use super::{KIND, MAX_NAME_IN_TEMP, RAND_LEN, temp_prefix};
+use super::{KIND, MAX_NAME_IN_TEMP, RAND_LEN, TEMP_MARKER, temp_prefix};
 use crate::fs::imp;
 use crate::io_error::path_error;
 use crate::ledger::events::shielded;
@@ -521,7 +521,8 @@ fn remove_unfinished(dir: &OwnedFd, name: &OsStr) -> io::Result<bool> {
     }
 }
 
-/// `<prefix><random>.<pid>.tmp`: a named temp file's name.
+/// `<prefix><random>.<pid>.tmp` (`.<name>.custodian.<random>.<pid>.tmp`): a named temp
+/// file's name.
 fn random_name(prefix: &OsStr) -> OsString {
     const ALPHANUMERIC: &[u8; 62] =
         b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
@@ -600,7 +601,11 @@ impl DirId {
     fn of(dir: &OwnedFd) -> Option<DirId> {
         use rustix::fs::StatxFlags;
         let mask = StatxFlags::INO | StatxFlags::BTIME;
-        let stat = rustix::fs::statx(dir, c"", AtFlags::EMPTY_PATH, mask).ok()?;
+        let Ok(stat) = rustix::fs::statx(dir, c"", AtFlags::EMPTY_PATH, mask) else {
+            // No statx (an old kernel, a seccomp filter): device and inode alone, rather
+            // than a listing on every `create`.
+            return DirId::of_fstat(dir);
+        };
         let dev = (u64::from(stat.stx_dev_major) << 32) | u64::from(stat.stx_dev_minor);
         let born = if StatxFlags::from_bits_retain(stat.stx_mask).contains(StatxFlags::BTIME) {
             (stat.stx_btime.tv_sec, stat.stx_btime.tv_nsec)
@@ -616,6 +621,10 @@ impl DirId {
 
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     fn of(dir: &OwnedFd) -> Option<DirId> {
+        DirId::of_fstat(dir)
+    }
+
+    fn of_fstat(dir: &OwnedFd) -> Option<DirId> {
         let stat = rustix::fs::fstat(dir).ok()?;
         #[allow(clippy::unnecessary_cast)] // `st_dev` and `st_ino` are not `u64` everywhere
         Some(DirId {
@@ -641,12 +650,18 @@ fn remove_stale(dir: &OwnedFd, dir_path: &Path) {
         if imp::process_may_exist(pid) {
             continue;
         }
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        // Non-blocking: a FIFO under such a name must not hang the open.
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
         let Ok(fd) = rustix::fs::openat(dir, name, flags, Mode::empty()) else {
             continue;
         };
-        if File::from(fd).try_lock().is_err() {
-            continue; // a live writer we cannot see (another pid namespace)
+        // Only a regular file of ours: what `create_named` makes, as this user.
+        let ours = rustix::fs::fstat(&fd).is_ok_and(|st| {
+            FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+                && st.st_uid == rustix::process::geteuid().as_raw()
+        });
+        if !ours || File::from(fd).try_lock().is_err() {
+            continue; // not ours, or a live writer we cannot see (another pid namespace)
         }
         let path = dir_path.join(name);
         let (kind, path) = (KIND.name(), path.display());
@@ -671,9 +686,12 @@ fn remove_stale(dir: &OwnedFd, dir_path: &Path) {
     }
 }
 
-/// The writer's pid if `file_name` is a named temp file, `.<name>.<random>.<pid>.tmp`
-/// (`temp_prefix` + `random_name`) for some non-empty `<name>`.
+/// The writer's pid if `file_name` is a named temp file,
+/// `.<name>.custodian.<random>.<pid>.tmp` (`temp_prefix` + `random_name`) for some
+/// non-empty `<name>` and a pid a process can have.
 fn stale_candidate(file_name: &OsStr) -> Option<u32> {
+    /// The largest pid Linux hands out (`PID_MAX_LIMIT` on 64-bit systems).
+    const PID_MAX: u32 = 1 << 22;
     let rest = file_name
         .as_encoded_bytes()
         .strip_prefix(b".")?
@@ -687,14 +705,16 @@ fn stale_candidate(file_name: &OsStr) -> Option<u32> {
     if !random.iter().all(u8::is_ascii_alphanumeric) {
         return None;
     }
-    // `<name>.`: at least one byte of name before the dot.
+    // `<name>.custodian.`: at least one byte of name before the marker.
+    let name = name.strip_suffix(TEMP_MARKER.as_bytes())?;
     if name.len() < 2 || name.last() != Some(&b'.') {
         return None;
     }
-    std::str::from_utf8(pid).ok()?.parse().ok()
+    let pid: u32 = std::str::from_utf8(pid).ok()?.parse().ok()?;
+    (pid <= PID_MAX).then_some(pid)
 }
 
-const _: () = assert!(MAX_NAME_IN_TEMP + 2 + RAND_LEN + 16 <= 255);
+const _: () = assert!(MAX_NAME_IN_TEMP + 2 + TEMP_MARKER.len() + RAND_LEN + 16 <= 255);
 
 #[cfg(test)]
 mod tests {
@@ -703,22 +723,29 @@ mod tests {
     #[test]
     fn temp_names_parse_back_to_their_pid() {
         let prefix = temp_prefix(OsStr::new("app.toml"));
-        assert_eq!(prefix, ".app.toml.");
+        assert_eq!(prefix, ".app.toml.custodian.");
         for (name, pid) in [
-            (".app.toml.aZ09xy.4242.tmp", 4242),
-            (".a.aZ09xy.1.tmp", 1),
-            (".app.toml.b.aZ09xy.4242.tmp", 4242), // the temp file of `app.toml.b`
+            (".app.toml.custodian.aZ09xy.4242.tmp", 4242),
+            (".a.custodian.aZ09xy.1.tmp", 1),
+            (".app.toml.b.custodian.aZ09xy.4242.tmp", 4242), // of `app.toml.b`
+            (".x.custodian.custodian.aZ09xy.7.tmp", 7),      // of `x.custodian`
         ] {
             assert_eq!(stale_candidate(OsStr::new(name)), Some(pid), "{name}");
         }
         for other in [
-            ".app.toml.aZ09xy.tmp",
-            ".app.toml.aZ09x.4242.tmp",
-            ".app.toml.aZ0-xy.4242.tmp",
-            ".app.toml.aZ09xy.42a2.tmp",
-            ".app.toml.aZ09xy.4242",
-            ".app.toml.aZ09xy.42424242424.tmp",
-            "app.toml.aZ09xy.4242.tmp",
+            // Without the marker: a user's file, or a temp file of another program.
+            ".app.toml.aZ09xy.4242.tmp",
+            ".report.final1.2024.tmp",
+            ".app.toml.custodian.aZ09xy.99999999.tmp", // no process has that pid
+            ".custodian.aZ09xy.4242.tmp",
+            "..custodian.aZ09xy.4242.tmp",
+            ".app.toml.custodian.aZ09xy.tmp",
+            ".app.toml.custodian.aZ09x.4242.tmp",
+            ".app.toml.custodian.aZ0-xy.4242.tmp",
+            ".app.toml.custodian.aZ09xy.42a2.tmp",
+            ".app.toml.custodian.aZ09xy.4242",
+            ".app.toml.custodian.aZ09xy.42424242424.tmp",
+            "app.toml.custodian.aZ09xy.4242.tmp",
             ".aZ09xy.4242.tmp",
             ".app.toml.custodian.tmp",
             "app.toml",

@@ -88,13 +88,12 @@ pub(crate) fn process_may_exist(pid: u32) -> bool {
 ///
 /// `false` (a stale record, safe to take over) when the pid is ours (a record of this
 /// process, or of an earlier one that had our pid), when no such process exists (or
-/// can: past `i32::MAX`) or it is
-/// a zombie, when the record is older than this boot, and on Linux when the process
-/// started after the record was written (the pid was reused: the writer died before it
-/// started). A process with that pid that started before the record was written may be
-/// its writer: `true`. Where the start time cannot be read (no `/proc`, or another
-/// system) a running process counts as the writer, and a record dated in the future
-/// (the clock went back) cannot be judged by time: stale, as before this check.
+/// can: past `i32::MAX`) or it is a zombie, and on Linux when the record is older than
+/// this boot or the process started after the record was written (the pid was reused:
+/// the writer died before it started). Otherwise `true`: a process with that pid that
+/// started before the record was written may be its writer, and so may one whose start
+/// cannot be read (no `/proc`, another system) or a record dated in the future (the
+/// clock went back since), which cannot be placed in time.
 pub(crate) fn record_writer_running(pid: u32, written: Option<std::time::SystemTime>) -> bool {
     // A pid past `i32::MAX` names no process (`pid_t` is an `i32`).
     if pid == std::process::id() || i32::try_from(pid).is_err() || !process_may_exist(pid) {
@@ -102,7 +101,7 @@ pub(crate) fn record_writer_running(pid: u32, written: Option<std::time::SystemT
     }
     #[cfg(any(target_os = "linux", target_os = "android"))]
     if let Some(written) = written
-        && let Some(judged) = linux::started_before(pid, written)
+        && let Some(judged) = linux::may_have_written(pid, written)
     {
         return judged;
     }
@@ -114,10 +113,24 @@ pub(crate) fn record_writer_running(pid: u32, written: Option<std::time::SystemT
 mod linux {
     use std::time::{Duration, SystemTime};
 
-    /// Whether process `pid` started before `written` (a wall-clock time), judged on the
-    /// boot-time clock its start is recorded on; `Some(false)` for a zombie or a record
-    /// from before this boot; `None` when it cannot be told.
-    pub(super) fn started_before(pid: u32, written: SystemTime) -> Option<bool> {
+    /// How much later than the record a process may seem to have started and still be
+    /// taken for its writer: file systems date files coarsely (a second on ext3 and
+    /// HFS+, two on FAT; a clock tick on Linux before 6.13), and `/proc` dates starts to
+    /// a hundredth of a second. A pid reused this soon after its record was written is
+    /// refused rather than taken over.
+    const MARGIN: Duration = Duration::from_secs(2);
+
+    /// Whether process `pid` may have written a record dated `written` (wall clock):
+    /// `Some(false)` for a record older than this boot, a zombie, or a process that
+    /// started after the record (judged on the boot-time clock `/proc/<pid>/stat` dates
+    /// starts with); `None` when it cannot be told.
+    pub(super) fn may_have_written(pid: u32, written: SystemTime) -> Option<bool> {
+        // The record's time on the boot-time clock: how long ago it was written, taken
+        // from now. A record from the future cannot be placed: `None`.
+        let age = SystemTime::now().duration_since(written).ok()?;
+        let Some(written) = boot_time_now()?.checked_sub(age) else {
+            return Some(false); // written before this boot: its writer is gone
+        };
         let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
         // `pid (comm) state ...`: `comm` may hold spaces and parentheses, so fields are
         // counted after its last `)`.
@@ -139,15 +152,7 @@ mod linux {
         }
         let started = Duration::from_secs(ticks / hz)
             + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz);
-        // The record's time on the boot-time clock: how long ago it was written, taken
-        // from now. A record from the future cannot be placed: `None`.
-        let age = SystemTime::now().duration_since(written).ok()?;
-        let Some(written) = boot_time_now()?.checked_sub(age) else {
-            return Some(false); // written before this boot: every process since is newer
-        };
-        // `started` is truncated to a clock tick, so a process that started within a tick
-        // after the record counts as started before it: a refusal, never a wrong takeover.
-        Some(started <= written)
+        Some(started <= written + MARGIN)
     }
 
     /// Time since boot, on the clock `/proc/<pid>/stat` dates process starts with.
