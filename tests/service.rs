@@ -25,8 +25,10 @@ const PATIENCE: Duration = Duration::from_secs(20);
 /// service itself finishes within the deadline (it counts it from the signal); this is
 /// for the signal's delivery, the process's teardown after `main` returns, and this
 /// test's 2 ms polling of `try_wait`, on a 2-core machine also running the load
-/// generator and other builds. Measured exits are well inside the deadline.
-const EXIT_MARGIN: Duration = Duration::from_millis(500);
+/// generator and other builds, and for a final state write (three `fsync`s) that the
+/// service lets finish past the deadline rather than lose it when the disk is slow.
+/// Measured exits are well inside the deadline.
+const EXIT_MARGIN: Duration = Duration::from_millis(1500);
 
 /// "A restart on the same state directory succeeds at once": spawn to listening, with a
 /// stale pid file, a stale socket and up to 32,000 keys to recover (well under a second
@@ -618,7 +620,12 @@ fn sigterm_mid_load(clients: usize, sets: usize) {
             "the watchdog child {watchdog} is still there"
         );
         // Nothing of its group runs on either (the `sleep` the shell was waiting on): the
-        // whole group was stopped, not only its leader.
+        // whole group was stopped, not only its leader. Polled briefly: a process that
+        // was sent SIGTERM a moment ago may not have run its exit yet.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !running_in_group(watchdog).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(running_in_group(watchdog), [] as [u32; 0]);
     }
 }
