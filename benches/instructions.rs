@@ -70,6 +70,11 @@ struct State {
     lock_path: std::path::PathBuf,
     #[cfg(unix)]
     socket_path: std::path::PathBuf,
+    /// The same paths NUL-terminated, for the `*-floor` scenarios (made once, at setup).
+    #[cfg(unix)]
+    lock_c_path: std::ffi::CString,
+    #[cfg(unix)]
+    socket_c_path: std::ffi::CString,
     #[cfg(unix)]
     _dir: tempfile::TempDir,
     counter: Arc<AtomicU64>,
@@ -99,6 +104,8 @@ const SCENARIOS: &[Scenario] = &[
     #[cfg(unix)]
     ("lock-custodian", Body::Each(os::lock_custodian)),
     #[cfg(unix)]
+    ("lock-floor", Body::Each(os::lock_floor)),
+    #[cfg(unix)]
     (
         "unix-listener-by-hand",
         Body::Each(os::unix_listener_by_hand),
@@ -108,6 +115,8 @@ const SCENARIOS: &[Scenario] = &[
         "unix-listener-custodian",
         Body::Each(os::unix_listener_custodian),
     ),
+    #[cfg(unix)]
+    ("unix-listener-floor", Body::Each(os::unix_listener_floor)),
     #[cfg(feature = "tokio")]
     ("close-ready-direct", Body::Each(rt::direct)),
     #[cfg(feature = "tokio")]
@@ -299,6 +308,45 @@ mod os {
         drop(file);
     }
 
+    /// The floor under both lock rows: the by-hand lock's system calls and checks with
+    /// nothing around them, through rustix on a path made NUL-terminated at setup (not
+    /// counted). `fstat` and `newfstatat` where std uses `statx`, as `LockFile` does.
+    #[inline(never)]
+    pub(super) fn lock_floor(s: &State) {
+        use rustix::fs::{AtFlags, CWD, FileType, FlockOperation, Mode, OFlags};
+        let path = s.lock_c_path.as_c_str();
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
+        let mode = Mode::from_raw_mode(0o644);
+        let fd = rustix::fs::openat(CWD, path, flags | OFlags::CLOEXEC, mode).unwrap();
+        rustix::fs::flock(&fd, FlockOperation::LockExclusive).unwrap();
+        let meta = rustix::fs::fstat(&fd).unwrap();
+        let now = rustix::fs::statat(CWD, path, AtFlags::SYMLINK_NOFOLLOW).unwrap();
+        let is_file = FileType::from_raw_mode(meta.st_mode) == FileType::RegularFile;
+        assert!(meta.st_ino == now.st_ino && meta.st_dev == now.st_dev && is_file);
+        let mut buf = [0u8; 16];
+        let mut start = buf.len() - 1;
+        buf[start] = b'\n';
+        let mut p = std::process::id();
+        loop {
+            start -= 1;
+            buf[start] = b'0' + (p % 10) as u8;
+            p /= 10;
+            if p == 0 {
+                break;
+            }
+        }
+        let record = &buf[start..];
+        assert_eq!(rustix::io::pwrite(&fd, record, 0).unwrap(), record.len());
+        let mut rec = [0u8; 33];
+        let got = rustix::io::pread(&fd, &mut rec, 0).unwrap();
+        assert_eq!(&rec[..got], record);
+        let now = rustix::fs::statat(CWD, path, AtFlags::SYMLINK_NOFOLLOW).unwrap();
+        assert!(meta.st_ino == now.st_ino && meta.st_dev == now.st_dev);
+        rustix::fs::unlinkat(CWD, path, AtFlags::empty()).unwrap();
+        rustix::fs::flock(&fd, FlockOperation::Unlock).unwrap();
+        drop(fd);
+    }
+
     fn libc_o_nofollow() -> i32 {
         0o400000 // O_NOFOLLOW on Linux
     }
@@ -328,6 +376,22 @@ mod os {
     #[inline(never)]
     pub(super) fn unix_listener_custodian(s: &State) {
         drop(custodian::net::UnixListenerGuard::bind(&s.socket_path).unwrap());
+    }
+
+    /// The floor under both listener rows: std's bind (as both do), then the two
+    /// `newfstatat`s and the `unlinkat` through rustix on a path made NUL-terminated at
+    /// setup (not counted).
+    #[inline(never)]
+    pub(super) fn unix_listener_floor(s: &State) {
+        use rustix::fs::{AtFlags, CWD};
+        let path = s.socket_c_path.as_c_str();
+        let listener = UnixListener::bind(&s.socket_path).unwrap();
+        let meta = rustix::fs::statat(CWD, path, AtFlags::SYMLINK_NOFOLLOW).unwrap();
+        let now = rustix::fs::statat(CWD, path, AtFlags::SYMLINK_NOFOLLOW).unwrap();
+        if meta.st_ino == now.st_ino && meta.st_dev == now.st_dev {
+            rustix::fs::unlinkat(CWD, path, AtFlags::empty()).unwrap();
+        }
+        drop(listener);
     }
 }
 
@@ -449,12 +513,21 @@ fn main() {
         }
         .expect("a scratch directory")
     };
+    #[cfg(unix)]
+    let c_path = |path: &std::path::Path| {
+        use std::os::unix::ffi::OsStrExt;
+        std::ffi::CString::new(path.as_os_str().as_bytes()).expect("no NUL in a temp path")
+    };
     let state = State {
         n: Cell::new(0),
         #[cfg(unix)]
         lock_path: dir.path().join("bench.lock"),
         #[cfg(unix)]
         socket_path: dir.path().join("bench.sock"),
+        #[cfg(unix)]
+        lock_c_path: c_path(&dir.path().join("bench.lock")),
+        #[cfg(unix)]
+        socket_c_path: c_path(&dir.path().join("bench.sock")),
         #[cfg(unix)]
         _dir: dir,
         counter: Arc::new(AtomicU64::new(0)),

@@ -1002,6 +1002,15 @@ fn lock_missing_directory() {
 }
 
 #[test]
+fn lock_path_with_a_nul_byte_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app\0.pid");
+    let err = LockFile::acquire(&path).unwrap_err();
+    assert_error(&err, io::ErrorKind::InvalidInput, &path);
+    assert!(fs::read_dir(dir.path()).unwrap().next().is_none());
+}
+
+#[test]
 fn lock_permission_denied() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lock");

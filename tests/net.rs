@@ -206,6 +206,20 @@ fn missing_directory_error_names_the_path_and_keeps_the_kind() {
 }
 
 #[test]
+fn path_with_a_nul_byte_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for path in [dir.path().join("app\0.sock"), "app\0.sock".into()] {
+        let err = UnixListenerGuard::bind(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+}
+
+#[test]
 fn no_socket_files_remain_and_the_ledger_balances() {
     let dir = tempfile::tempdir().unwrap();
     // Counts this thread's guards only: other tests bind in parallel.

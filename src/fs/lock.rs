@@ -3,13 +3,13 @@
 
 use std::error::Error;
 use std::fmt;
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
 use std::panic::Location;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::imp::{self, FileId};
+use super::imp::{self, FileId, PathName};
 use crate::Close;
 use crate::io_error::{path_error, with_context};
 use crate::ledger::{Kind, Ticket};
@@ -120,7 +120,8 @@ const MAX_BACKOFF: Duration = Duration::from_millis(50);
 pub struct LockFile {
     /// `None` once released (by `close`, `Drop` or `into_inner`).
     file: Option<File>,
-    path: PathBuf,
+    /// Kept ready for the `lstat` and `unlink` of the release.
+    path: PathName,
     id: FileId,
     /// The pid we recorded (exclusive holders); release touches the file only while it
     /// still holds this record.
@@ -354,18 +355,19 @@ impl LockFileBuilder {
         wait: Wait,
         site: &'static Location<'static>,
     ) -> io::Result<Option<LockFile>> {
+        let name =
+            PathName::new(path).map_err(|e| path_error("cannot open the lock file", path, e))?;
         loop {
-            let (file, created) = open(path)?;
+            let (file, created) = open(&name)?;
             if !lock(&file, self.shared, wait).map_err(|e| path_error("cannot lock", path, e))? {
                 return Ok(None);
             }
-            let meta = file
-                .metadata()
+            let meta = imp::file_info(&file)
                 .map_err(|e| path_error("cannot inspect the lock file", path, e))?;
-            let id = FileId::of(&meta);
+            let id = meta.id();
             if imp::CHECKS_IDENTITY {
-                match fs::symlink_metadata(path) {
-                    Ok(now) if FileId::of(&now) == id => {}
+                match imp::path_id(&name) {
+                    Ok(now) if now == id => {}
                     // Released and removed (or replaced) between our open and our lock: the
                     // lock we hold is on a file nobody else will look at. Retry on the new one.
                     Ok(_) => continue,
@@ -377,13 +379,13 @@ impl LockFileBuilder {
             if !meta.is_file() {
                 return Err(not_a_lock_file(path, "is not a regular file"));
             }
-            let record = match meta.len() {
+            let record = match meta.size() {
                 0 => Record::Empty,
                 _ => read_record(&file, path)?
                     .ok_or_else(|| not_a_lock_file(path, "holds something other than a pid"))?,
             };
             if let Record::Pid(writer) = record
-                && imp::record_writer_running(writer, meta.modified().ok())
+                && imp::record_writer_running(writer, meta.modified())
             {
                 return Err(not_a_lock_file(
                     path,
@@ -401,12 +403,12 @@ impl LockFileBuilder {
             }
             let pid = std::process::id();
             if !self.shared
-                && let Err(e) = record_pid(&file, pid, meta.len())
+                && let Err(e) = record_pid(&file, pid, meta.size())
             {
                 let error = path_error("cannot write our pid into", path, e);
                 // Leave nothing behind that we created: the file is ours (we created it,
                 // we hold the lock, and the path named it a moment ago).
-                if created && let Err(rm) = remove_if_ours(path, id) {
+                if created && let Err(rm) = remove_if_ours(&name, id) {
                     return Err(with_context(
                         error,
                         format_args!("and the empty lock file it created was left ({rm})"),
@@ -416,7 +418,7 @@ impl LockFileBuilder {
             }
             return Ok(Some(LockFile {
                 file: Some(file),
-                path: path.to_path_buf(),
+                path: name,
                 id,
                 pid,
                 shared: self.shared,
@@ -576,7 +578,7 @@ impl LockFile {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn path(&self) -> &Path {
-        &self.path
+        self.path.as_path()
     }
 
     /// Whether this is a shared lock.
@@ -659,7 +661,8 @@ impl LockFile {
         if sole_holder {
             // Only a file that still holds our record (or, for a shared lock, nothing or
             // a stale record) is ours to remove or empty: one rewritten meanwhile is not.
-            let ours = match read_record(&file, &self.path) {
+            let path = self.path.as_path();
+            let ours = match read_record(&file, path) {
                 Ok(Some(Record::Pid(pid))) => self.shared || pid == self.pid,
                 Ok(Some(Record::Empty)) => self.shared,
                 Ok(None) => false,
@@ -674,14 +677,14 @@ impl LockFile {
                 && !self.shared
                 && let Err(e) = file.set_len(0)
             {
-                result = Err(path_error("cannot empty the lock file", &self.path, e));
+                result = Err(path_error("cannot empty the lock file", path, e));
             }
         }
         let unlocked = file
             .unlock()
-            .map_err(|e| path_error("cannot unlock", &self.path, e));
-        let closed =
-            imp::close(file).map_err(|e| path_error("cannot close the lock file", &self.path, e));
+            .map_err(|e| path_error("cannot unlock", self.path.as_path(), e));
+        let closed = imp::close(file)
+            .map_err(|e| path_error("cannot close the lock file", self.path.as_path(), e));
         result.and(unlocked).and(closed)
     }
 }
@@ -706,9 +709,10 @@ impl Close for LockFile {
 impl Drop for LockFile {
     fn drop(&mut self) {
         if self.file.is_some() {
-            self.ticket.dropped_without_close(&self.path.display());
+            self.ticket
+                .dropped_without_close(&self.path.as_path().display());
             if let Err(e) = self.release() {
-                self.ticket.failure(&self.path.display(), &e);
+                self.ticket.failure(&self.path.as_path().display(), &e);
             }
         }
     }
@@ -717,7 +721,7 @@ impl Drop for LockFile {
 impl fmt::Debug for LockFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockFile")
-            .field("path", &self.path)
+            .field("path", &self.path.as_path())
             .field("shared", &self.shared)
             .field("remove_on_release", &self.remove)
             .finish()
@@ -804,21 +808,17 @@ impl From<LockHeld> for io::Error {
 
 /// Opens the lock file, creating it if needed, refusing a symbolic link; `true` if this
 /// call created it. `O_EXCL` first, since a lock file is usually absent (removed on
-/// release): one `open` in the common case.
-fn open(path: &Path) -> io::Result<(File, bool)> {
-    let mut options = OpenOptions::new();
-    options.read(true).write(true);
-    // Inert on a FIFO or a terminal met at `path`, which is then refused untouched.
-    imp::no_follow_inert(&mut options);
+/// release): one `open` in the common case. Inert on a FIFO or a terminal met at the
+/// path, which is then refused untouched.
+fn open(name: &PathName) -> io::Result<(File, bool)> {
+    let path = name.as_path();
     loop {
-        let mut create = options.clone();
-        imp::create_mode(create.create_new(true), 0o644);
-        match create.open(path) {
+        match imp::open_rw_inert(name, true) {
             Ok(file) => return Ok((file, true)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(path_error("cannot open the lock file", path, e)),
         }
-        match options.open(path) {
+        match imp::open_rw_inert(name, false) {
             Ok(file) => return Ok((file, false)),
             // Removed between the two opens (a holder released it): create it again.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -889,12 +889,13 @@ fn not_a_lock_file(path: &Path, what: &str) -> io::Error {
     )
 }
 
-/// Removes the lock file at `path` if it still names the file `id` (the caller holds the
+/// Removes the lock file at `name` if it still names the file `id` (the caller holds the
 /// lock). Already gone or replaced: not ours, nothing to do.
-fn remove_if_ours(path: &Path, id: FileId) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if FileId::of(&meta) == id => {
-            fs::remove_file(path).map_err(|e| path_error("cannot remove the lock file", path, e))
+fn remove_if_ours(name: &PathName, id: FileId) -> io::Result<()> {
+    let path = name.as_path();
+    match imp::path_id(name) {
+        Ok(now) if now == id => {
+            imp::remove(name).map_err(|e| path_error("cannot remove the lock file", path, e))
         }
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

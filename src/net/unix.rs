@@ -13,6 +13,7 @@ use std::ptr;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::Close;
+use crate::fs::imp::{self, FileId, PathName};
 use crate::io_error::with_context;
 use crate::ledger::events::shielded;
 use crate::ledger::{Kind, Ticket};
@@ -47,9 +48,9 @@ const BIND_ATTEMPTS: usize = 3;
 /// file another process put at the same path later is never removed.
 #[derive(Debug)]
 pub(crate) struct SocketPath {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
+    /// Kept ready for the `lstat` and `unlink` of the release.
+    path: PathName,
+    id: FileId,
 }
 
 /// What releasing the path found.
@@ -67,30 +68,31 @@ pub(crate) enum Released {
 #[track_caller]
 pub(crate) fn bind(path: &Path) -> io::Result<(UnixListener, SocketPath)> {
     check_length(path)?;
+    // Absolute, so that a later change of working directory cannot make the release look
+    // at another file. A path that is already absolute names the same file whatever the
+    // working directory: it is kept as given (`path::absolute` costs about a thousand
+    // instructions for its normalisation, which the release does not need).
+    let name = if path.is_absolute() {
+        PathName::new(path)
+    } else {
+        PathName::new(&std::path::absolute(path).unwrap_or_else(|_| path.to_owned()))
+    }
+    .map_err(|e| {
+        with_context(
+            e,
+            format_args!("cannot bind Unix socket {}", path.display()),
+        )
+    })?;
     for _ in 0..BIND_ATTEMPTS {
         match UnixListener::bind(path) {
             Ok(listener) => {
-                let meta = std::fs::symlink_metadata(path).map_err(|e| {
+                let id = imp::path_id(&name).map_err(|e| {
                     with_context(
                         e,
                         format_args!("cannot stat bound socket {}", path.display()),
                     )
                 })?;
-                let socket = SocketPath {
-                    // Absolute, so that a later change of working directory cannot
-                    // make the release look at another file. A path that is already
-                    // absolute names the same file whatever the working directory: it is
-                    // kept as given (`path::absolute` costs about a thousand instructions
-                    // for its normalisation, which the release does not need).
-                    path: if path.is_absolute() {
-                        path.to_owned()
-                    } else {
-                        std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
-                    },
-                    dev: meta.dev(),
-                    ino: meta.ino(),
-                };
-                return Ok((listener, socket));
+                return Ok((listener, SocketPath { path: name, id }));
             }
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => remove_if_stale(path, e)?,
             Err(e) => {
@@ -218,30 +220,28 @@ fn is_listening(path: &Path) -> io::Result<bool> {
 
 impl SocketPath {
     pub(crate) fn path(&self) -> &Path {
-        &self.path
+        self.path.as_path()
     }
 
     /// Removes the socket file if the path still names our inode.
     pub(crate) fn release(&self) -> io::Result<Released> {
-        let meta = match std::fs::symlink_metadata(&self.path) {
-            Ok(meta) => meta,
+        match imp::path_id(&self.path) {
+            Ok(now) if now == self.id => {}
+            Ok(_) => return Ok(Released::Replaced),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Released::Gone),
             Err(e) => {
                 return Err(with_context(
                     e,
-                    format_args!("cannot stat socket file {}", self.path.display()),
+                    format_args!("cannot stat socket file {}", self.path().display()),
                 ));
             }
-        };
-        if (meta.dev(), meta.ino()) != (self.dev, self.ino) {
-            return Ok(Released::Replaced);
         }
-        match std::fs::remove_file(&self.path) {
+        match imp::remove(&self.path) {
             Ok(()) => Ok(Released::Removed),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Released::Gone),
             Err(e) => Err(with_context(
                 e,
-                format_args!("cannot remove socket file {}", self.path.display()),
+                format_args!("cannot remove socket file {}", self.path().display()),
             )),
         }
     }
@@ -253,7 +253,7 @@ impl SocketPath {
             Released::Gone => "socket file was already removed",
             Released::Replaced => "socket path now names another socket; left it in place",
         };
-        let path = self.path.display();
+        let path = self.path().display();
         // Shielded: this runs from `Drop`, where a panicking subscriber must not abort.
         shielded(
             || tracing::debug!(target: "custodian", kind, resource = %path, "{message}"),
@@ -295,7 +295,7 @@ impl<L> Bound<L> {
     /// The listener and its path, no longer removed for the caller.
     pub(crate) fn into_inner(self) -> (L, PathBuf) {
         let (listener, socket, _ticket) = self.into_parts();
-        (listener, socket.path)
+        (listener, socket.path().to_path_buf())
     }
 
     fn into_parts(self) -> (L, SocketPath, Ticket) {
@@ -330,8 +330,8 @@ impl<L> Drop for Bound<L> {
         match self.socket.release_reported(self.ticket.kind()) {
             Ok(()) => self
                 .ticket
-                .dropped_without_close(&self.socket.path.display()),
-            Err(e) => self.ticket.failure(&self.socket.path.display(), &e),
+                .dropped_without_close(&self.socket.path().display()),
+            Err(e) => self.ticket.failure(&self.socket.path().display(), &e),
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Non-Unix platforms: the weaker behaviour documented on each guard.
 
-use std::fs::{File, Metadata, OpenOptions};
+use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 /// Whether the result of closing a descriptor is visible on this platform.
 pub(crate) const CHECKS_CLOSE: bool = false;
@@ -22,20 +24,66 @@ pub(crate) fn no_follow_inert(options: &mut OpenOptions) -> &mut OpenOptions {
     options
 }
 
-/// No Unix modes here: options unchanged.
-pub(crate) fn create_mode(options: &mut OpenOptions, _mode: u32) -> &mut OpenOptions {
-    options
+/// A path a guard keeps: as given (std's functions take it as it is here).
+#[derive(Debug)]
+pub(crate) struct PathName(PathBuf);
+
+impl PathName {
+    pub(crate) fn new(path: &Path) -> io::Result<PathName> {
+        Ok(PathName(path.to_path_buf()))
+    }
+
+    pub(crate) fn as_path(&self) -> &Path {
+        &self.0
+    }
+}
+
+/// Opens `name` for reading and writing; with `create_new`, creates it.
+pub(crate) fn open_rw_inert(name: &PathName, create_new: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(create_new)
+        .open(&name.0)
+}
+
+/// What std's metadata says about an open file.
+pub(crate) struct FileInfo(Metadata);
+
+impl FileInfo {
+    pub(crate) fn id(&self) -> FileId {
+        FileId
+    }
+
+    pub(crate) fn is_file(&self) -> bool {
+        self.0.is_file()
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.0.len()
+    }
+
+    pub(crate) fn modified(&self) -> Option<SystemTime> {
+        self.0.modified().ok()
+    }
+}
+
+pub(crate) fn file_info(file: &File) -> io::Result<FileInfo> {
+    file.metadata().map(FileInfo)
+}
+
+/// Whether something is at `name` (no identity to give here).
+pub(crate) fn path_id(name: &PathName) -> io::Result<FileId> {
+    fs::symlink_metadata(&name.0).map(|_| FileId)
+}
+
+pub(crate) fn remove(name: &PathName) -> io::Result<()> {
+    fs::remove_file(&name.0)
 }
 
 /// No stable file identity in std here: every file compares equal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct FileId;
-
-impl FileId {
-    pub(crate) fn of(_meta: &Metadata) -> FileId {
-        FileId
-    }
-}
 
 /// No stable device id in std here: assumed the same (the rename reports otherwise).
 pub(crate) fn same_device(_a: &Metadata, _b: &Metadata) -> bool {

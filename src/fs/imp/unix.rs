@@ -1,11 +1,16 @@
-//! Unix: `close(2)` with its result, `O_NOFOLLOW`, inode identity, `pwrite`, liveness of a pid.
+//! Unix: `close(2)` with its result, `O_NOFOLLOW`, paths kept NUL-terminated, inode identity,
+//! `pwrite`, liveness of a pid.
 
-use std::fs::{File, Metadata, OpenOptions, Permissions};
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::{File, OpenOptions, Permissions};
 use std::io;
 use std::os::fd::IntoRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
 
-use rustix::fs::OFlags;
+use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 use rustix::process::Pid;
 
@@ -34,9 +39,115 @@ pub(crate) fn no_follow_inert(options: &mut OpenOptions) -> &mut OpenOptions {
     options.custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
 }
 
-/// Sets the mode used when `options` creates a file.
-pub(crate) fn create_mode(options: &mut OpenOptions, mode: u32) -> &mut OpenOptions {
-    options.mode(mode)
+/// A path a guard keeps for the system calls it makes on it later: NUL-terminated once,
+/// when the guard is created, in one allocation of the exact size.
+///
+/// std's path functions copy a path onto the stack and scan it for a NUL at each call
+/// (about 120 instructions for a 30-byte path); a guard that stats and removes its path
+/// again on release pays that once here instead.
+pub(crate) struct PathName(CString);
+
+impl PathName {
+    /// `path`, NUL-terminated. `InvalidInput` if it holds a NUL byte (no system call can
+    /// name it), as std says for such a path.
+    pub(crate) fn new(path: &Path) -> io::Result<PathName> {
+        CString::new(path.as_os_str().as_bytes())
+            .map(PathName)
+            .map_err(|_| nul_in_path())
+    }
+
+    pub(crate) fn as_path(&self) -> &Path {
+        Path::new(OsStr::from_bytes(self.0.to_bytes()))
+    }
+
+    fn as_c_str(&self) -> &CStr {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PathName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_path().fmt(f)
+    }
+}
+
+#[cold]
+fn nul_in_path() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "file name contained an unexpected NUL byte",
+    )
+}
+
+/// Opens `name` for reading and writing with [`no_follow_inert`]'s flags (and
+/// `O_CLOEXEC`, as std does); with `create_new`, creates it (`O_CREAT | O_EXCL`, mode
+/// `0o644` before the umask). Retried on `EINTR`, as std does.
+pub(crate) fn open_rw_inert(name: &PathName, create_new: bool) -> io::Result<File> {
+    let mut flags = OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK;
+    flags |= OFlags::NOCTTY;
+    if create_new {
+        flags |= OFlags::CREATE | OFlags::EXCL;
+    }
+    loop {
+        match rustix::fs::openat(CWD, name.as_c_str(), flags, Mode::from_raw_mode(0o644)) {
+            Ok(fd) => return Ok(File::from(fd)),
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// What `fstat` says about an open file: its identity, type, size and modification time.
+///
+/// rustix's `fstat` rather than `File::metadata`: std tries `statx` first on every call
+/// and converts its answer into a `Metadata` (about 200 instructions); one `fstat` is a
+/// system call and nothing more.
+pub(crate) struct FileInfo(Stat);
+
+impl FileInfo {
+    pub(crate) fn id(&self) -> FileId {
+        FileId::of(&self.0)
+    }
+
+    pub(crate) fn is_file(&self) -> bool {
+        FileType::from_raw_mode(self.0.st_mode) == FileType::RegularFile
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        u64::try_from(self.0.st_size).unwrap_or(0)
+    }
+
+    /// The modification time; `None` where it cannot be a `SystemTime`.
+    // The fields' types differ between platforms (`i64` here, narrower elsewhere).
+    #[allow(clippy::unnecessary_cast)]
+    pub(crate) fn modified(&self) -> Option<SystemTime> {
+        let (secs, nanos) = (self.0.st_mtime as i64, self.0.st_mtime_nsec as u32);
+        if secs >= 0 {
+            SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs.unsigned_abs(), nanos))
+        } else {
+            SystemTime::UNIX_EPOCH
+                .checked_sub(Duration::from_secs(secs.unsigned_abs()))?
+                .checked_add(Duration::from_nanos(u64::from(nanos)))
+        }
+    }
+}
+
+/// `fstat` of `file`.
+pub(crate) fn file_info(file: &File) -> io::Result<FileInfo> {
+    rustix::fs::fstat(file)
+        .map(FileInfo)
+        .map_err(io::Error::from)
+}
+
+/// The identity of what `name` names now, without following a symbolic link (`lstat`).
+pub(crate) fn path_id(name: &PathName) -> io::Result<FileId> {
+    let stat = rustix::fs::statat(CWD, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(FileId::of(&stat))
+}
+
+/// Removes the file `name` names (`unlink`).
+pub(crate) fn remove(name: &PathName) -> io::Result<()> {
+    rustix::fs::unlinkat(CWD, name.as_c_str(), AtFlags::empty()).map_err(io::Error::from)
 }
 
 /// The identity of a file: device and inode.
@@ -47,22 +158,38 @@ pub(crate) struct FileId {
 }
 
 impl FileId {
-    pub(crate) fn of(meta: &Metadata) -> FileId {
+    // `dev_t` and `ino_t` are narrower than `u64` on some platforms.
+    #[allow(clippy::unnecessary_cast)]
+    fn of(stat: &Stat) -> FileId {
         FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
+            dev: stat.st_dev as u64,
+            ino: stat.st_ino as u64,
         }
     }
 }
 
-/// Writes `bytes` at offset 0 without moving the cursor.
-pub(crate) fn write_at_start(file: &File, bytes: &[u8]) -> io::Result<()> {
-    file.write_all_at(bytes, 0)
+/// Writes `bytes` at offset 0 without moving the cursor: `pwrite` until all is written,
+/// retried on `EINTR`, as std's `write_all_at` (whose loop and error conversion cost
+/// about 50 instructions more for a lock record).
+pub(crate) fn write_at_start(file: &File, mut bytes: &[u8]) -> io::Result<()> {
+    let mut offset = 0;
+    while !bytes.is_empty() {
+        match rustix::io::pwrite(file, bytes, offset) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                bytes = &bytes[n..];
+                offset += n as u64;
+            }
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
-/// Reads at most `buf.len()` bytes from offset 0 without moving the cursor.
+/// Reads at most `buf.len()` bytes from offset 0 without moving the cursor (`pread`).
 pub(crate) fn read_at_start(file: &File, buf: &mut [u8]) -> io::Result<usize> {
-    file.read_at(buf, 0)
+    rustix::io::pread(file, buf, 0).map_err(io::Error::from)
 }
 
 /// Whether creating a file with these permissions may have given it fewer bits, through
@@ -177,3 +304,61 @@ pub(crate) const CLEANS_STALE: bool = true;
 
 /// Whether a lock file's identity can be re-checked (and so safely unlinked) here.
 pub(crate) const CHECKS_IDENTITY: bool = true;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    /// `fstat` and `lstat` through rustix agree with std's `Metadata` on what the lock
+    /// file and the socket path judge: identity, type, size and modification time.
+    #[test]
+    fn file_info_and_path_id_agree_with_std() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        let name = PathName::new(&path).unwrap();
+        let file = open_rw_inert(&name, true).unwrap();
+        assert_eq!(
+            open_rw_inert(&name, true).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        file.write_all_at(b"4242\n", 0).unwrap();
+        let epoch = SystemTime::UNIX_EPOCH;
+        for mtime in [
+            SystemTime::now() - Duration::from_secs(3600),
+            epoch + Duration::new(1, 5),
+            epoch - Duration::from_millis(1500), // before 1970: a negative `st_mtime`
+        ] {
+            file.set_modified(mtime).unwrap();
+            let (info, meta) = (file_info(&file).unwrap(), file.metadata().unwrap());
+            assert_eq!(info.modified(), meta.modified().ok());
+            assert_eq!(info.modified(), Some(mtime));
+            assert_eq!((info.is_file(), info.size()), (true, 5));
+            let id = FileId {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            };
+            assert_eq!((info.id(), path_id(&name).unwrap()), (id, id));
+        }
+
+        let other = dir.path().join("b");
+        std::fs::write(&other, "").unwrap();
+        assert_ne!(
+            path_id(&PathName::new(&other).unwrap()).unwrap(),
+            path_id(&name).unwrap()
+        );
+        let here = File::open(dir.path()).unwrap();
+        assert!(!file_info(&here).unwrap().is_file());
+
+        assert_eq!(name.as_path(), path);
+        remove(&name).unwrap();
+        assert_eq!(path_id(&name).unwrap_err().kind(), io::ErrorKind::NotFound);
+        assert_eq!(remove(&name).unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_path_with_a_nul_byte_is_invalid_input() {
+        let err = PathName::new(Path::new("a\0b")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+}
