@@ -147,3 +147,47 @@ fn process_close_error_prints_each_message_once() {
     let err = child.close().unwrap_err();
     assert_no_repeats("GuardError<ChildGuard>", &err);
 }
+
+#[test]
+fn panicked_labelled_and_leak_errors_print_each_message_once() {
+    // A panicking cleanup and a labelled one, in one stack.
+    let mut stack = custodian::CleanupStack::new();
+    stack.defer(|| panic!("disk gone"));
+    stack.defer_named("remove /no/such/file", || {
+        std::fs::remove_file("/no/such/file")
+    });
+    let errors = stack.close().unwrap_err();
+    assert_no_repeats("CleanupErrors (panicked + named)", &errors);
+    for e in errors.iter() {
+        assert_no_repeats("CleanupError (panicked or named)", e);
+    }
+    assert!(chain(&errors)[0].contains("remove /no/such/file"));
+
+    // Leaks found by a LeakCheck.
+    let check = custodian::ledger::LeakCheck::new();
+    std::mem::forget(custodian::CleanupStack::new());
+    let leaks = check.finish().unwrap_err();
+    assert_no_repeats("Leaks", &leaks);
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn async_scope_errors_print_each_message_once() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt
+        .block_on(custodian::rt::scope(|s| async move {
+            s.defer_named("log out session 1", async {
+                Err::<(), _>(Outer(io::Error::other("connection reset")))
+            });
+            Err::<(), _>(io::Error::other("body failed"))
+        }))
+        .unwrap_err();
+    assert_no_repeats("rt::scope's ScopeError", &err);
+    assert_no_repeats(
+        "io::Error from rt::scope's ScopeError",
+        &io::Error::from(err),
+    );
+}
