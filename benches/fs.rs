@@ -17,7 +17,8 @@
 //!   and the min and median over rounds of its ratio to the first scenario.
 //!
 //! Scenarios: `custodian`, `custodian-nosync`, `custodian-named` (a named temp file, as
-//! where `O_TMPFILE` is refused), `hand`, `hand-nosync`, `atomic-write-file`.
+//! where `O_TMPFILE` is refused), `custodian-named-keys` (the same, to a new target each
+//! write), `hand`, `hand-nosync`, `atomic-write-file`.
 
 use std::fs::{self, File, OpenOptions};
 use std::hint::black_box;
@@ -156,6 +157,18 @@ fn scenario(name: &str) -> Write4k {
             let mut file = AtomicFile::builder()
                 .named_temp_file(true)
                 .create(p)
+                .unwrap();
+            file.write_all(d).unwrap();
+            file.commit().unwrap();
+        },
+        // A new key each write, as a cache does: with the named fallback, the stale-file
+        // scan must not list the directory once per target.
+        "custodian-named-keys" => |p, d| {
+            static KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let key = KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut file = AtomicFile::builder()
+                .named_temp_file(true)
+                .create(p.with_file_name(format!("key-{key}")))
                 .unwrap();
             file.write_all(d).unwrap();
             file.commit().unwrap();
