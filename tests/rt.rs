@@ -952,6 +952,62 @@ fn a_dropped_or_cancelled_stack_hands_its_cleanups_to_the_reaper() {
     });
 }
 
+#[test]
+fn a_stack_runs_commits_or_rollbacks_by_how_it_ends() {
+    on_both_runtimes(|| async {
+        let reaper = Reaper::new();
+        let stack_with = |log: &Log| {
+            let mut stack = AsyncCleanupStack::with_reaper(&reaper);
+            stack.defer(note(log, "release"));
+            stack.on_success(note(log, "commit"));
+            stack.on_failure(note(log, "roll back"));
+            stack
+        };
+
+        // Closed: a success.
+        let log = Log::default();
+        stack_with(&log).close().await.unwrap();
+        assert_eq!(*log.lock().unwrap(), ["commit", "release"]);
+
+        // Closed as failed.
+        let log = Log::default();
+        stack_with(&log)
+            .close_with(custodian::Outcome::Failure)
+            .await
+            .unwrap();
+        assert_eq!(*log.lock().unwrap(), ["roll back", "release"]);
+
+        // Dropped without close (an early return, a cancelled caller): a failure, run
+        // by the reaper.
+        let dropped = Log::default();
+        drop(stack_with(&dropped));
+
+        // A close(): success, cancelled while its first cleanup runs: what is left still
+        // commits, on the reaper; the rollback never runs.
+        let cancelled = Log::default();
+        let mut stack = AsyncCleanupStack::with_reaper(&reaper);
+        stack.on_failure(note(&cancelled, "roll back"));
+        stack.on_success(note(&cancelled, "commit"));
+        stack.defer({
+            let log = cancelled.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                note(&log, "slow release").await;
+            }
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), stack.close())
+                .await
+                .is_err()
+        );
+
+        let report = reaper.shutdown(LONG).await;
+        assert_eq!(*dropped.lock().unwrap(), ["roll back", "release"]);
+        assert_eq!(*cancelled.lock().unwrap(), ["slow release", "commit"]);
+        assert_eq!(report.completed(), 2, "{report}");
+    });
+}
+
 // ---------------------------------------------------------------- signals
 
 #[cfg(unix)]

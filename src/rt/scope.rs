@@ -288,9 +288,11 @@ impl<E, Fut> Drop for Running<E, Fut> {
             Cow::Owned(format!("{} pending scope cleanups", entries.len())),
         );
         owner.ticket.dropped_without_close(&owner.resource);
-        self.reaper
-            .inner()
-            .spawn_job(self.handle.take(), owner, StackJob(entries));
+        self.reaper.inner().spawn_job(
+            self.handle.take(),
+            owner,
+            StackJob(entries, crate::Outcome::Failure),
+        );
     }
 }
 

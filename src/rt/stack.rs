@@ -13,6 +13,7 @@ use tokio::runtime::Handle;
 use super::AsyncClose;
 use super::guard::BoxFuture;
 use super::reaper::{Job, Owner, Reaper, ReaperRef};
+use crate::Outcome;
 use crate::error::{BoxError, CleanupError, CleanupErrors};
 use crate::ledger::{Kind, Ticket};
 
@@ -25,6 +26,9 @@ pub(crate) struct Entry {
     pub(crate) fut: SyncWrapper<BoxFuture<Result<(), BoxError>>>,
     pub(crate) label: &'static str,
     pub(crate) site: &'static Location<'static>,
+    /// `None`: runs whatever the outcome; `Some(o)`: only when the stack ends in `o`
+    /// (dropped unpolled otherwise, so it does nothing).
+    pub(crate) only: Option<Outcome>,
 }
 
 impl Entry {
@@ -37,6 +41,7 @@ impl Entry {
             fut: SyncWrapper::new(fut),
             label,
             site,
+            only: None,
         }
     }
 
@@ -59,9 +64,16 @@ impl Entry {
 /// Runs entries last first; each one runs even when earlier ones fail or panic.
 /// The entry being run stays at the end of the list until it finished, so that if the
 /// run is dropped midway, the list still holds it and everything after it.
-pub(crate) async fn run_lifo(entries: &mut Vec<Entry>) -> CleanupErrors {
+pub(crate) async fn run_lifo(entries: &mut Vec<Entry>, outcome: Outcome) -> CleanupErrors {
     let mut errors = CleanupErrors::default();
     loop {
+        // Entries for the other outcome are dropped, never polled.
+        while entries
+            .last()
+            .is_some_and(|e| e.only.is_some_and(|only| only != outcome))
+        {
+            entries.pop();
+        }
         let result = poll_fn(|cx| match entries.last_mut() {
             Some(entry) => entry.poll(cx).map(Some),
             None => Poll::Ready(None),
@@ -79,15 +91,16 @@ pub(crate) async fn run_lifo(entries: &mut Vec<Entry>) -> CleanupErrors {
     }
 }
 
-/// The entries of a dropped stack or a cancelled scope, run by the reaper.
-pub(crate) struct StackJob(pub(crate) Vec<Entry>);
+/// The entries of a dropped stack or a cancelled scope, run by the reaper, and the
+/// outcome the stack ends in.
+pub(crate) struct StackJob(pub(crate) Vec<Entry>, pub(crate) Outcome);
 
 impl Job for StackJob {
     type Fut = BoxFuture<CleanupErrors>;
 
     fn start(self) -> BoxFuture<CleanupErrors> {
-        let mut entries = self.0;
-        Box::pin(async move { run_lifo(&mut entries).await })
+        let StackJob(mut entries, outcome) = self;
+        Box::pin(async move { run_lifo(&mut entries, outcome).await })
     }
 
     fn errors(
@@ -133,6 +146,9 @@ pub struct AsyncCleanupStack {
     ticket: Option<Ticket>,
     handle: Option<Handle>,
     reaper: ReaperRef,
+    /// How the stack ends if it is dropped now: `Failure` until `close_with` starts,
+    /// then that call's outcome (a cancelled `close` still commits what is left).
+    outcome: Outcome,
 }
 
 impl AsyncCleanupStack {
@@ -164,6 +180,7 @@ impl AsyncCleanupStack {
             ticket: Some(ticket),
             handle: Handle::try_current().ok(),
             reaper,
+            outcome: Outcome::Failure,
         }
     }
 
@@ -178,6 +195,7 @@ impl AsyncCleanupStack {
             ticket: Some(ticket),
             handle,
             reaper,
+            outcome: Outcome::Failure,
         }
     }
 
@@ -258,6 +276,66 @@ impl AsyncCleanupStack {
         );
     }
 
+    /// Pushes a cleanup that runs only if the stack ends in [`Outcome::Success`]: closed
+    /// with [`close`](Self::close) (or `close_with(Outcome::Success)`). A commit. Dropped
+    /// without `close`, the stack ends in [`Outcome::Failure`] and this never runs.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let mut stack = custodian::rt::AsyncCleanupStack::new();
+    /// stack.on_success(async { println!("committed") });
+    /// stack.close().await.unwrap();
+    /// # });
+    /// ```
+    #[track_caller]
+    pub fn on_success(&mut self, cleanup: impl Future<Output = ()> + Send + 'static) {
+        self.push_when(Outcome::Success, "on_success", cleanup);
+    }
+
+    /// Pushes a cleanup that runs only if the stack ends in [`Outcome::Failure`]: dropped
+    /// without being closed (an early return, `?`, a panic, a cancelled future; the
+    /// reaper runs it), or closed with `close_with(Outcome::Failure)`. A rollback.
+    ///
+    /// ```
+    /// use custodian::rt::AsyncCleanupStack;
+    ///
+    /// async fn transfer(stack: &mut AsyncCleanupStack) -> std::io::Result<()> {
+    ///     stack.on_failure(async { println!("rolled back") });
+    ///     std::fs::metadata("/no/such/account")?; // the caller drops the stack: rolled back
+    ///     Ok(())
+    /// }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let reaper = custodian::rt::Reaper::new();
+    /// let mut stack = AsyncCleanupStack::with_reaper(&reaper);
+    /// assert!(transfer(&mut stack).await.is_err());
+    /// drop(stack);
+    /// assert_eq!(reaper.shutdown(std::time::Duration::from_secs(5)).await.completed(), 1);
+    /// # });
+    /// ```
+    #[track_caller]
+    pub fn on_failure(&mut self, cleanup: impl Future<Output = ()> + Send + 'static) {
+        self.push_when(Outcome::Failure, "on_failure", cleanup);
+    }
+
+    #[track_caller]
+    fn push_when(
+        &mut self,
+        only: Outcome,
+        label: &'static str,
+        cleanup: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let mut entry = Entry::new(
+            Box::pin(async move {
+                cleanup.await;
+                Ok(())
+            }),
+            label,
+            Location::caller(),
+        );
+        entry.only = Some(only);
+        self.entries.push(entry);
+    }
+
     /// Pushes a guard, closed (with [`AsyncClose::close`]) when the stack is.
     ///
     /// ```
@@ -315,6 +393,7 @@ impl AsyncCleanupStack {
             ticket: Some(Ticket::new(&KIND)),
             handle: self.handle.clone(),
             reaper: self.reaper.clone(),
+            outcome: Outcome::Failure,
         }
     }
 
@@ -351,10 +430,39 @@ impl AsyncCleanupStack {
     /// assert_eq!(errors.len(), 2); // neither lost
     /// # });
     /// ```
-    pub async fn close(mut self) -> Result<(), CleanupErrors> {
+    pub async fn close(self) -> Result<(), CleanupErrors> {
+        self.close_with(Outcome::Success).await
+    }
+
+    /// Runs every cleanup now, last pushed first, telling them how the work ended: with
+    /// [`Outcome::Failure`], `on_failure` entries run and `on_success` ones do not
+    /// (closing an `AsyncExitStack` "as failed"). Cancel-safe as [`close`](Self::close):
+    /// what is left goes to the reaper with the same outcome.
+    ///
+    /// ```
+    /// use custodian::Outcome;
+    /// use custodian::rt::AsyncCleanupStack;
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let log = Arc::new(Mutex::new(Vec::new()));
+    /// let mut stack = AsyncCleanupStack::new();
+    /// let (a, b, c) = (log.clone(), log.clone(), log.clone());
+    /// stack.defer(async move { a.lock().unwrap().push("release") });
+    /// stack.on_success(async move { b.lock().unwrap().push("commit") });
+    /// stack.on_failure(async move { c.lock().unwrap().push("roll back") });
+    /// stack.close_with(Outcome::Failure).await.unwrap();
+    /// assert_eq!(*log.lock().unwrap(), ["roll back", "release"]);
+    /// # });
+    /// ```
+    ///
+    /// # Errors
+    /// [`CleanupErrors`] with every failure (error or panic), in the order they ran.
+    pub async fn close_with(mut self, outcome: Outcome) -> Result<(), CleanupErrors> {
         // The entries stay in `self` while they run: if this future is dropped, `Drop`
-        // hands what is left to the reaper.
-        run_lifo(&mut self.entries).await.into_result()
+        // hands what is left to the reaper, with this outcome.
+        self.outcome = outcome;
+        run_lifo(&mut self.entries, outcome).await.into_result()
     }
 }
 
@@ -367,6 +475,10 @@ impl Default for AsyncCleanupStack {
 
 impl Drop for AsyncCleanupStack {
     fn drop(&mut self) {
+        // Entries for the other outcome would be dropped unpolled by the reaper anyway.
+        let outcome = self.outcome;
+        self.entries
+            .retain(|e| e.only.is_none_or(|only| only == outcome));
         if self.entries.is_empty() {
             return;
         }
@@ -378,7 +490,7 @@ impl Drop for AsyncCleanupStack {
             Cow::Owned(format!("{} pending cleanups", self.entries.len())),
         );
         owner.ticket.dropped_without_close(&owner.resource);
-        let job = StackJob(mem::take(&mut self.entries));
+        let job = StackJob(mem::take(&mut self.entries), self.outcome);
         self.reaper
             .inner()
             .spawn_job(self.handle.take(), owner, job);
