@@ -1230,14 +1230,22 @@ fn tempdir_close_and_drop_remove_it() {
     assert!(kept.exists());
 }
 
-#[test]
-fn tempdir_failed_removal_is_returned_and_reported() {
-    let parent = tempfile::tempdir().unwrap();
-    let dir = TempDir::new_in(parent.path()).unwrap();
+/// A `TempDir` in `parent` holding a read-only subdirectory with a file: removing it
+/// fails for a process without `CAP_DAC_OVERRIDE` (see `unprivileged`). Also returns the
+/// subdirectory, to make it writable again.
+fn stuck_tempdir(parent: &Path) -> (TempDir, PathBuf) {
+    let dir = TempDir::new_in(parent).unwrap();
     let sub = dir.path().join("read-only");
     fs::create_dir(&sub).unwrap();
     fs::write(sub.join("stuck"), "x").unwrap();
     chmod(&sub, 0o555);
+    (dir, sub)
+}
+
+#[test]
+fn tempdir_failed_removal_is_returned_and_reported() {
+    let parent = tempfile::tempdir().unwrap();
+    let (dir, sub) = stuck_tempdir(parent.path());
     let path = dir.path().to_path_buf();
     let err = unprivileged(|| dir.close()).unwrap_err();
     assert_eq!(err.error().kind(), io::ErrorKind::PermissionDenied, "{err}");
@@ -1263,11 +1271,7 @@ fn tempdir_failed_removal_is_returned_and_reported() {
 
     // A returned failure dropped with its guard: tried once more, counted, not reported
     // a second time.
-    let dir = TempDir::new_in(parent.path()).unwrap();
-    let sub = dir.path().join("read-only");
-    fs::create_dir(&sub).unwrap();
-    fs::write(sub.join("stuck"), "x").unwrap();
-    chmod(&sub, 0o555);
+    let (dir, _) = stuck_tempdir(parent.path());
     let path = dir.path().to_path_buf();
     let before = ledger::snapshot();
     let ((), events) = unprivileged(|| capture(|| drop(dir.close().unwrap_err())));
@@ -1276,11 +1280,7 @@ fn tempdir_failed_removal_is_returned_and_reported() {
     assert!(path.exists(), "the removal really failed twice");
 
     let before = ledger::snapshot();
-    let dir = TempDir::new_in(parent.path()).unwrap();
-    let sub = dir.path().join("read-only");
-    fs::create_dir(&sub).unwrap();
-    fs::write(sub.join("stuck"), "x").unwrap();
-    chmod(&sub, 0o555);
+    let (dir, _) = stuck_tempdir(parent.path());
     let path2 = dir.path().to_path_buf();
     let ((), events) = unprivileged(|| capture(|| drop(dir)));
     assert_one_failure(
