@@ -1,6 +1,7 @@
 //! `PgLockBuilder` and `PgSession`: the dedicated connection a lock is taken on.
 
 use std::collections::HashMap;
+use std::convert::identity;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -8,6 +9,7 @@ use std::panic::Location;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
@@ -15,10 +17,10 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, NoTls, Statement};
 use tokio_util::sync::CancellationToken;
 
-use super::error::{Holder, PgLockHeld, closed_cause, pg_error};
+use super::error::{Holder, PgLockHeld, pg_error};
 use super::key::{LockKey, Resolved};
 use super::lock::PgLock;
-use super::watch::{OnConnectionEnd, Watch, Watched};
+use super::watch::{ConnectionTask, Granted, LockState, OnConnectionEnd, Watch, Watched};
 use crate::rt::Reaper;
 
 /// How to connect and lock: the server, shared or exclusive, the liveness check, fencing.
@@ -208,7 +210,7 @@ impl PgLockBuilder {
         let (site, key, options) = (Location::caller(), key.into(), self.clone());
         async move {
             let session = PgSession::connect(&options).await?;
-            held_as_error(session.lock(key, Wait::Block, site).await)
+            session.lock(key, Wait::Block, site, held_as_error).await
         }
     }
 
@@ -241,7 +243,7 @@ impl PgLockBuilder {
         let (site, key, options) = (Location::caller(), key.into(), self.clone());
         async move {
             let session = PgSession::connect(&options).await?;
-            session.lock(key, Wait::Try, site).await
+            session.lock(key, Wait::Try, site, identity).await
         }
     }
 
@@ -264,7 +266,9 @@ impl PgLockBuilder {
         let (site, key, options) = (Location::caller(), key.into(), self.clone());
         async move {
             let session = PgSession::connect(&options).await?;
-            held_as_error(session.lock(key, Wait::For(timeout), site).await)
+            session
+                .lock(key, Wait::For(timeout), site, held_as_error)
+                .await
         }
     }
 }
@@ -408,6 +412,10 @@ struct Cache {
     /// The last lock's description ("exclusive advisory lock 42 on host:port"), reused
     /// when the next lock has the same key.
     what: Option<(LockKey, Arc<str>)>,
+    /// The state of the last lock released, for the next lock (see `lock_state`).
+    spare: Option<Arc<LockState>>,
+    /// The runtime the connection task runs on, where a dropped lock's unlock runs.
+    runtime: Option<Handle>,
 }
 
 impl PgSession {
@@ -455,12 +463,7 @@ impl PgSession {
                 closed: closed.clone(),
                 why: None,
             };
-            tokio::spawn(async move {
-                let mut on_end = on_end;
-                let result = connection.await;
-                on_end.ended(closed_cause(result.as_ref().err()));
-            })
-            .abort_handle()
+            tokio::spawn(ConnectionTask { connection, on_end }).abort_handle()
         };
         let client = Arc::new(client);
         // One watch per session, for all the locks it takes in turn; it ends with the
@@ -486,7 +489,10 @@ impl PgSession {
             backend_pid: 0,
             closed,
             watched,
-            cache: Box::default(),
+            cache: Box::new(Cache {
+                runtime: Handle::try_current().ok(),
+                ..Cache::default()
+            }),
         };
         let row = session
             .client
@@ -514,10 +520,7 @@ impl PgSession {
         self,
         key: impl Into<LockKey>,
     ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
-        // Not `let lock = self.lock(..); async move { lock.await }`: the future would
-        // be stored twice over.
-        let (key, site) = (key.into(), Location::caller());
-        async move { held_as_error(self.lock(key, Wait::Block, site).await) }
+        self.lock(key.into(), Wait::Block, Location::caller(), held_as_error)
     }
 
     /// Takes the lock on `key` if it is free now: `Ok(Ok(lock))`, or `Ok(Err(held))`
@@ -546,7 +549,7 @@ impl PgSession {
         self,
         key: impl Into<LockKey>,
     ) -> impl Future<Output = io::Result<Result<PgLock, PgLockHeld>>> + Send + 'static {
-        self.lock(key.into(), Wait::Try, Location::caller())
+        self.lock(key.into(), Wait::Try, Location::caller(), identity)
     }
 
     /// Takes the lock on `key`, waiting at most `timeout`.
@@ -564,10 +567,12 @@ impl PgSession {
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
-        // Not `let lock = self.lock(..); async move { lock.await }`: the future would
-        // be stored twice over.
-        let (key, site) = (key.into(), Location::caller());
-        async move { held_as_error(self.lock(key, Wait::For(timeout), site).await) }
+        self.lock(
+            key.into(),
+            Wait::For(timeout),
+            Location::caller(),
+            held_as_error,
+        )
     }
 
     /// The server's pid for this session (`pg_backend_pid()`).
@@ -595,6 +600,29 @@ impl PgSession {
         )
     }
 
+    /// The state (`lost()` token, cause) of a lock about to be granted: the last lock's,
+    /// if nothing refers to it any more, else a new one.
+    pub(crate) fn lock_state(&mut self, lock: Granted) -> Arc<LockState> {
+        let lock = match self.cache.spare.take() {
+            Some(spare) => match LockState::reuse(spare, lock) {
+                Ok(state) => return state,
+                Err(lock) => lock,
+            },
+            None => lock,
+        };
+        Arc::new(LockState::new(lock))
+    }
+
+    /// The runtime the session's connection task runs on.
+    pub(crate) fn runtime(&self) -> Option<Handle> {
+        self.cache.runtime.clone()
+    }
+
+    /// Keeps the state of a lock just released for the next lock.
+    pub(crate) fn keep_lock_state(&mut self, state: Arc<LockState>) {
+        self.cache.spare = Some(state);
+    }
+
     /// What error messages and events call the lock on `key`: "exclusive advisory lock
     /// 42 on host:port". Kept for the next lock on the same key.
     fn describe(&mut self, key: &LockKey) -> Arc<str> {
@@ -620,29 +648,37 @@ impl PgSession {
     /// and a held lock is looked up in `pg_locks`: those slow paths are boxed futures,
     /// so that the future of the usual path (one lock query) stays small and cheap to
     /// move.
-    pub(crate) async fn lock(
+    ///
+    /// The outcome goes through `finish` (`held_as_error` for `acquire`), so that the
+    /// public futures are this one, not a wrapper around it: a wrapper would store the
+    /// arguments twice and move the lock once more.
+    pub(crate) async fn lock<T>(
         mut self,
         key: LockKey,
         wait: Wait,
         site: &'static Location<'static>,
-    ) -> io::Result<Result<PgLock, PgLockHeld>> {
+        finish: impl FnOnce(io::Result<Result<PgLock, PgLockHeld>>) -> T,
+    ) -> T {
         let resolved = match &key {
             LockKey::Id(k) => Resolved::Id(*k),
             LockKey::Pair(a, b) => Resolved::Pair(*a, *b),
             LockKey::Name(name) => match self.cache.names.get(name.as_ref()) {
                 Some(k) => Resolved::Id(*k),
-                None => Box::pin(self.resolve(&key)).await?,
+                None => match Box::pin(self.resolve(&key)).await {
+                    Ok(resolved) => resolved,
+                    Err(e) => return finish(Err(e)),
+                },
             },
         };
         let fencing = self.options.fence_table.is_some();
         let form = resolved.form();
         // Everything is prepared before the lock is asked for: once it is granted,
         // nothing is awaited before the guard exists.
-        if self.cache.stmts[form].is_none()
+        let unprepared = self.cache.stmts[form].is_none()
             || (fencing && self.cache.fence_stmts[form].is_none())
-            || self.watched.check.get().is_none()
-        {
-            Box::pin(self.prepare(resolved)).await?;
+            || self.watched.check.get().is_none();
+        if unprepared && let Err(e) = Box::pin(self.prepare(resolved)).await {
+            return finish(Err(e));
         }
         let lock_stmt = match (fencing, wait) {
             (true, Wait::Try) => self.cache.fence_stmts[form].as_ref().map(|s| &s.1),
@@ -682,16 +718,20 @@ impl PgSession {
             },
         };
         cancel_on_drop.disarm();
-        match outcome {
+        finish(match outcome {
             Ok(Some(token)) => {
                 let what = self.describe(&key);
                 let Some(unlock) = self.cache.stmts[form].as_ref().map(|s| s.unlock.clone()) else {
                     unreachable!("the lock statements were prepared above")
                 };
-                let fence = fencing.then_some(token);
-                Ok(Ok(PgLock::new(
-                    self, key, resolved, fence, unlock, what, site,
-                )))
+                let lock = Granted {
+                    key,
+                    resolved,
+                    what,
+                    fence: fencing.then_some(token),
+                    site,
+                };
+                Ok(Ok(PgLock::new(self, lock, unlock)))
             }
             Ok(None) => {
                 let waited = start.map_or(Duration::ZERO, |start| start.elapsed());
@@ -704,7 +744,7 @@ impl PgSession {
                     format_args!("cannot take {what} (backend pid {})", self.backend_pid),
                 ))
             }
-        }
+        })
     }
 
     /// The lock is held by others: who.
