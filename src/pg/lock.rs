@@ -124,7 +124,7 @@ impl Pending {
             .acquired(ticket, session.runtime())
             .resource(String::from(&*held.state.lock.what))
             .fallback(|held: Held| held.close_connection());
-        if let Some(reaper) = &session.options.reaper {
+        if let Some(reaper) = &session.0.options.reaper {
             builder = builder.reaper(reaper);
         }
         builder.build(held, Held::cleanup)
@@ -150,7 +150,7 @@ impl Release {
     /// Done before the unlock is sent, so that a check that runs after the unlock finds
     /// the slot empty.
     fn disarm(&self) {
-        self.held().session.watched.disarm();
+        self.held().session.0.watched.disarm();
     }
 
     fn into_guard(mut self) -> AsyncGuard<Held, io::Error> {
@@ -193,7 +193,7 @@ impl Release {
 impl Drop for Release {
     fn drop(&mut self) {
         if let Some(pending) = self.0.take() {
-            pending.held.session.watched.disarm();
+            pending.held.session.0.watched.disarm();
             drop(pending.into_guard());
         }
     }
@@ -224,19 +224,19 @@ impl Held {
         };
         // The unlock timeout is enforced by the session's watch (see `Watched`), not by
         // a timer per unlock.
-        let (watched, what) = (&self.session.watched, &self.state.lock.what);
+        let (watched, what) = (&self.session.0.watched, &self.state.lock.what);
         watched.unlock_started();
         // For the message only: the watch enforces the timeout at its ticks, so the wait
         // can be longer than the timeout, and the error says how long it was.
         let started = crate::ledger::clock::coarse_now();
-        let result = self.session.client.query_one(&self.unlock, params).await;
+        let result = self.session.0.client.query_one(&self.unlock, params).await;
         let timed_out = watched.unlock_finished();
         match result {
             Ok(row) if row.get::<_, bool>(0) => Ok(()),
             Ok(_) => Err(io::Error::other(format!(
                 "cannot release {}: the server says backend pid {} did not hold it \
                  (the lock was lost)",
-                what, self.session.backend_pid
+                what, self.session.0.backend_pid
             ))),
             Err(_) if timed_out => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -247,14 +247,14 @@ impl Held {
                     Duration::from_millis(
                         crate::ledger::clock::coarse_now().saturating_sub(started) / 1_000_000
                     ),
-                    self.session.options.unlock_timeout
+                    self.session.0.options.unlock_timeout
                 ),
             )),
             Err(e) => Err(pg_error(
                 e,
                 format_args!(
                     "cannot release {} (backend pid {})",
-                    what, self.session.backend_pid
+                    what, self.session.0.backend_pid
                 ),
             )),
         }
@@ -262,7 +262,7 @@ impl Held {
 
     /// Closes the connection at once: the server frees the lock with the session.
     fn close_connection(&self) {
-        self.session.conn_task.abort();
+        self.session.0.conn_task.abort();
     }
 
     /// The cleanup of `close` and of a dropped lock: unlock, then close the connection.
@@ -283,7 +283,7 @@ impl PgLock {
     pub(crate) fn new(mut session: PgSession, lock: Granted, unlock: Statement) -> PgLock {
         let ticket = Ticket::at(&KIND, lock.site);
         let state = session.lock_state(lock);
-        session.watched.arm(&state);
+        session.0.watched.arm(&state);
         PgLock {
             release: Release(Some(Pending {
                 held: Held {
@@ -359,12 +359,12 @@ impl PgLock {
     /// it cannot outlive the lock) or to inspect it. Do not unlock through it: `close`
     /// would then report the lock as not held, and the liveness check fires `lost()`.
     pub fn client(&self) -> &tokio_postgres::Client {
-        &self.release.held().session.client
+        &self.release.held().session.0.client
     }
 
     /// The server's pid for the session holding the lock.
     pub fn backend_pid(&self) -> i32 {
-        self.release.held().session.backend_pid
+        self.release.held().session.0.backend_pid
     }
 
     /// Unlocks and closes the connection.
