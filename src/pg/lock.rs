@@ -168,26 +168,6 @@ impl Release {
             None => unreachable!("a PgLock's release is taken only when it is consumed"),
         }
     }
-
-    /// `PgLock::release`: unlocks; on success, the session comes back, with the lock's
-    /// state kept for the next lock.
-    async fn unlock_and_keep(mut self) -> io::Result<PgSession> {
-        self.disarm();
-        match self.held_mut().unlock().await {
-            Ok(()) => {
-                let Held {
-                    mut session, state, ..
-                } = self.into_held();
-                // Nothing refers to the lock any more: its state can serve the next.
-                session.keep_lock_state(state);
-                Ok(session)
-            }
-            Err(e) => {
-                self.into_held().close_connection();
-                Err(e)
-            }
-        }
-    }
 }
 
 impl Drop for Release {
@@ -395,7 +375,24 @@ impl PgLock {
     /// Cancel-safe: dropped before it finished, the connection is closed on the reaper
     /// (the lock goes with the session).
     pub fn release(self) -> impl Future<Output = io::Result<PgSession>> + Send + 'static {
-        self.release.unlock_and_keep()
+        let PgLock { mut release } = self;
+        async move {
+            release.disarm();
+            match release.held_mut().unlock().await {
+                Ok(()) => {
+                    let Held {
+                        mut session, state, ..
+                    } = release.into_held();
+                    // Nothing refers to the lock any more: its state can serve the next.
+                    session.keep_lock_state(state);
+                    Ok(session)
+                }
+                Err(e) => {
+                    release.into_held().close_connection();
+                    Err(e)
+                }
+            }
+        }
     }
 }
 
