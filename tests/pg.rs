@@ -626,6 +626,47 @@ fn unlocked_behind_the_guards_back_fires_lost_and_close_reports_it() {
 }
 
 #[test]
+fn each_lock_on_a_reused_session_is_watched_and_lost_on_its_own() {
+    let Some(conn) = server() else { return };
+    let _server = SERVER.read();
+    common::current_thread().block_on(async {
+        let opts = options(&conn, "next-lock").check_interval(Duration::from_millis(100));
+        let session = opts.connect().await.unwrap();
+        // The first lock's token outlives the lock; the second lock is released as
+        // usual, and the third may take over its state.
+        let first = session.acquire(9_020).await.unwrap();
+        let first_token = first.lost_token();
+        let session = first.release().await.unwrap();
+        let second = session.acquire(9_021).await.unwrap();
+        let session = second.release().await.unwrap();
+        let third = session.acquire(9_022).await.unwrap();
+        assert_eq!(third.key(), &LockKey::Id(9_022));
+        assert!(third.fence().is_some());
+        assert!(format!("{third:?}").contains("9022"), "{third:?}");
+
+        // Several checks pass: they ask about 9022, not a key released before.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(!third.is_lost(), "{:?}", third.lost_cause());
+
+        third
+            .client()
+            .execute("SELECT pg_advisory_unlock_all()", &[])
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(2), third.lost())
+            .await
+            .expect("lost() fired");
+        assert_eq!(third.lost_cause(), Some(&LostCause::NotHeld));
+        assert!(
+            !first_token.is_cancelled(),
+            "a released lock's token does not follow the session's next locks"
+        );
+        let err = third.close().await.unwrap_err();
+        assert!(err.to_string().contains("9022"), "{err}");
+    });
+}
+
+#[test]
 fn a_frozen_backend_fires_lost_with_check_timed_out_within_interval_plus_timeout() {
     let Some(conn) = server() else { return };
     let _server = SERVER.read();

@@ -3,8 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::panic::Location;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::Statement;
@@ -14,7 +13,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use super::error::{LostCause, pg_error};
 use super::key::{LockKey, Resolved};
 use super::session::PgSession;
-use super::watch::{KIND, LockState, Watched};
+use super::watch::{Granted, KIND, LockState};
+use crate::ledger::Ticket;
 use crate::rt::AsyncGuard;
 
 /// A session-level PostgreSQL advisory lock, held on a dedicated connection the guard
@@ -99,30 +99,92 @@ use crate::rt::AsyncGuard;
 /// [`unlock_timeout`]: super::PgLockBuilder::unlock_timeout
 #[must_use = "dropping a PgLock releases the lock at once"]
 pub struct PgLock {
-    /// Empties the session's watch slot when the lock is dropped, before the reaper
-    /// unlocks (first field: dropped first).
-    armed: Armed,
-    guard: AsyncGuard<Held, io::Error>,
-    state: Arc<LockState>,
-    key: LockKey,
-    fence: Option<i64>,
+    release: Release,
 }
 
-/// The lock in its session's watch slot; dropped, it takes it out.
-struct Armed(Arc<Watched>);
+/// The lock's release while nobody has asked for it. Dropped, it takes the lock out of
+/// the session's watch slot, then becomes an [`AsyncGuard`] whose cleanup (unlock, then
+/// close the connection) goes to the reaper. The guard is built only then (or by
+/// `close`), so that its allocations (its options, the resource's name for events) are
+/// not paid by every acquire + release. The ledger ticket is taken at acquisition, and
+/// the cleanup runs on the session's runtime, the one its connection task runs on.
+struct Release(Option<Pending>);
 
-impl Drop for Armed {
+struct Pending {
+    held: Held,
+    ticket: Ticket,
+}
+
+impl Pending {
+    /// The guard that runs the cleanup: on `close`, or on the reaper when dropped.
+    fn into_guard(self) -> AsyncGuard<Held, io::Error> {
+        let Pending { held, ticket } = self;
+        let session = &held.session;
+        let mut builder = AsyncGuard::builder()
+            .acquired(ticket, session.runtime())
+            .resource(String::from(&*held.state.lock.what))
+            .fallback(|held: Held| held.close_connection());
+        if let Some(reaper) = &session.0.options.reaper {
+            builder = builder.reaper(reaper);
+        }
+        builder.build(held, Held::cleanup)
+    }
+}
+
+impl Release {
+    fn held(&self) -> &Held {
+        match &self.0 {
+            Some(pending) => &pending.held,
+            None => unreachable!("a PgLock's release is taken only when it is consumed"),
+        }
+    }
+
+    fn held_mut(&mut self) -> &mut Held {
+        match &mut self.0 {
+            Some(pending) => &mut pending.held,
+            None => unreachable!("a PgLock's release is taken only when it is consumed"),
+        }
+    }
+
+    /// Takes the lock out of its session's watch slot: nothing fires for it any more.
+    /// Done before the unlock is sent, so that a check that runs after the unlock finds
+    /// the slot empty.
+    fn disarm(&self) {
+        self.held().session.0.watched.disarm();
+    }
+
+    fn into_guard(mut self) -> AsyncGuard<Held, io::Error> {
+        match self.0.take() {
+            Some(pending) => pending.into_guard(),
+            None => unreachable!("a PgLock's release is taken only when it is consumed"),
+        }
+    }
+
+    /// The lock is released (or its connection closed): its ticket goes, counted as
+    /// released.
+    fn into_held(mut self) -> Held {
+        match self.0.take() {
+            Some(pending) => pending.held,
+            None => unreachable!("a PgLock's release is taken only when it is consumed"),
+        }
+    }
+}
+
+impl Drop for Release {
     fn drop(&mut self) {
-        self.0.disarm();
+        if let Some(pending) = self.0.take() {
+            pending.held.session.0.watched.disarm();
+            drop(pending.into_guard());
+        }
     }
 }
 
 /// What the guard's cleanup needs: the session and how to unlock.
 struct Held {
     session: PgSession,
-    key: Resolved,
+    /// The key, its description, and the `lost()` token.
+    state: Arc<LockState>,
     unlock: Statement,
-    what: Arc<str>,
     /// Set when `release` sent the unlock: a cleanup after a cancelled `release` then
     /// only closes the connection (a second unlock would say "not held").
     unlock_sent: bool,
@@ -131,48 +193,48 @@ struct Held {
 impl Held {
     async fn unlock(&mut self) -> io::Result<()> {
         self.unlock_sent = true;
-        let (k, a, b) = match self.key {
+        let (k, a, b) = match self.state.lock.resolved {
             Resolved::Id(k) => (k, 0, 0),
             Resolved::Pair(a, b) => (0, a, b),
         };
         let (one, two): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 2]) = ([&k], [&a, &b]);
-        let params: &[&(dyn ToSql + Sync)] = match self.key {
+        let params: &[&(dyn ToSql + Sync)] = match self.state.lock.resolved {
             Resolved::Id(_) => &one,
             Resolved::Pair(..) => &two,
         };
         // The unlock timeout is enforced by the session's watch (see `Watched`), not by
         // a timer per unlock.
-        let watched = &self.session.watched;
+        let (watched, what) = (&self.session.0.watched, &self.state.lock.what);
         watched.unlock_started();
         // For the message only: the watch enforces the timeout at its ticks, so the wait
         // can be longer than the timeout, and the error says how long it was.
         let started = crate::ledger::clock::coarse_now();
-        let result = self.session.client.query_one(&self.unlock, params).await;
+        let result = self.session.0.client.query_one(&self.unlock, params).await;
         let timed_out = watched.unlock_finished();
         match result {
             Ok(row) if row.get::<_, bool>(0) => Ok(()),
             Ok(_) => Err(io::Error::other(format!(
                 "cannot release {}: the server says backend pid {} did not hold it \
                  (the lock was lost)",
-                self.what, self.session.backend_pid
+                what, self.session.0.backend_pid
             ))),
             Err(_) if timed_out => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
                     "cannot release {}: no answer after {:?} (unlock timeout {:?}); the \
                      connection is closed instead",
-                    self.what,
+                    what,
                     Duration::from_millis(
                         crate::ledger::clock::coarse_now().saturating_sub(started) / 1_000_000
                     ),
-                    self.session.options.unlock_timeout
+                    self.session.0.options.unlock_timeout
                 ),
             )),
             Err(e) => Err(pg_error(
                 e,
                 format_args!(
                     "cannot release {} (backend pid {})",
-                    self.what, self.session.backend_pid
+                    what, self.session.0.backend_pid
                 ),
             )),
         }
@@ -180,7 +242,7 @@ impl Held {
 
     /// Closes the connection at once: the server frees the lock with the session.
     fn close_connection(&self) {
-        self.session.conn_task.abort();
+        self.session.0.conn_task.abort();
     }
 
     /// The cleanup of `close` and of a dropped lock: unlock, then close the connection.
@@ -198,46 +260,25 @@ impl Held {
 impl PgLock {
     /// The guard of a lock just granted on `session`: counted in the ledger, put in the
     /// session's watch slot.
-    pub(crate) fn new(
-        session: PgSession,
-        key: LockKey,
-        resolved: Resolved,
-        fence: Option<i64>,
-        unlock: Statement,
-        what: Arc<str>,
-        site: &'static Location<'static>,
-    ) -> PgLock {
-        let state = Arc::new(LockState {
-            lost: CancellationToken::new(),
-            cause: OnceLock::new(),
-            what: Arc::clone(&what),
-            key: resolved,
-            site,
-        });
-        let watched = Arc::clone(&session.watched);
-        watched.arm(&state);
-        let mut builder = AsyncGuard::builder()
-            .kind(&KIND)
-            .resource(String::from(&*what))
-            .site(site)
-            .fallback(|held: Held| held.close_connection());
-        if let Some(reaper) = &session.options.reaper {
-            builder = builder.reaper(reaper);
-        }
-        let held = Held {
-            session,
-            key: resolved,
-            unlock,
-            what,
-            unlock_sent: false,
-        };
+    pub(crate) fn new(mut session: PgSession, lock: Granted, unlock: Statement) -> PgLock {
+        let ticket = Ticket::at(&KIND, lock.site);
+        let state = session.lock_state(lock);
+        session.0.watched.arm(&state);
         PgLock {
-            armed: Armed(watched),
-            guard: builder.build(held, Held::cleanup),
-            state,
-            key,
-            fence,
+            release: Release(Some(Pending {
+                held: Held {
+                    session,
+                    state,
+                    unlock,
+                    unlock_sent: false,
+                },
+                ticket,
+            })),
         }
+    }
+
+    fn state(&self) -> &LockState {
+        &self.release.held().state
     }
 
     /// Completes when the lock can no longer be assumed held (see
@@ -257,23 +298,23 @@ impl PgLock {
     /// # Cancel safety
     /// Cancel-safe: dropping the future changes nothing; call `lost()` again.
     pub fn lost(&self) -> WaitForCancellationFuture<'_> {
-        self.state.lost.cancelled()
+        self.state().lost.cancelled()
     }
 
     /// A token cancelled when the lock is lost, to hand to tasks doing the protected
     /// work (cancelling it yourself does not affect the lock).
     pub fn lost_token(&self) -> CancellationToken {
-        self.state.lost.child_token()
+        self.state().lost_token()
     }
 
     /// Whether the lock is known to be lost.
     pub fn is_lost(&self) -> bool {
-        self.state.lost.is_cancelled()
+        self.state().lost.is_cancelled()
     }
 
     /// Why the lock was lost, once it was.
     pub fn lost_cause(&self) -> Option<&LostCause> {
-        self.state.cause.get()
+        self.state().cause.get()
     }
 
     /// The fencing token of this acquisition: larger than that of every earlier
@@ -286,24 +327,24 @@ impl PgLock {
     /// token is smaller than the largest an exclusive holder wrote (and an exclusive
     /// holder's, as usual, when it is smaller than any seen).
     pub fn fence(&self) -> Option<i64> {
-        self.fence
+        self.state().lock.fence
     }
 
     /// The key.
     pub fn key(&self) -> &LockKey {
-        &self.key
+        &self.state().lock.key
     }
 
     /// The lock's own session, to run the protected work in the same session (so that
     /// it cannot outlive the lock) or to inspect it. Do not unlock through it: `close`
     /// would then report the lock as not held, and the liveness check fires `lost()`.
     pub fn client(&self) -> &tokio_postgres::Client {
-        &self.guard.session.client
+        &self.release.held().session.0.client
     }
 
     /// The server's pid for the session holding the lock.
     pub fn backend_pid(&self) -> i32 {
-        self.guard.session.backend_pid
+        self.release.held().session.0.backend_pid
     }
 
     /// Unlocks and closes the connection.
@@ -319,8 +360,9 @@ impl PgLock {
     pub fn close(self) -> impl Future<Output = io::Result<()>> + Send + 'static {
         // Taken apart before the future, so that the future does not hold the lock twice
         // (as the argument and as its parts).
-        let PgLock { armed, guard, .. } = self;
-        drop(armed);
+        let PgLock { release } = self;
+        release.disarm();
+        let guard = release.into_guard();
         async move { AsyncGuard::close(guard).await }
     }
 
@@ -333,14 +375,20 @@ impl PgLock {
     /// Cancel-safe: dropped before it finished, the connection is closed on the reaper
     /// (the lock goes with the session).
     pub fn release(self) -> impl Future<Output = io::Result<PgSession>> + Send + 'static {
-        let PgLock { armed, guard, .. } = self;
-        drop(armed);
+        let PgLock { mut release } = self;
         async move {
-            let mut guard = guard;
-            match guard.unlock().await {
-                Ok(()) => Ok(AsyncGuard::into_inner(guard).session),
+            release.disarm();
+            match release.held_mut().unlock().await {
+                Ok(()) => {
+                    let Held {
+                        mut session, state, ..
+                    } = release.into_held();
+                    // Nothing refers to the lock any more: its state can serve the next.
+                    session.keep_lock_state(state);
+                    Ok(session)
+                }
                 Err(e) => {
-                    AsyncGuard::into_inner(guard).close_connection();
+                    release.into_held().close_connection();
                     Err(e)
                 }
             }
@@ -351,9 +399,9 @@ impl PgLock {
 impl fmt::Debug for PgLock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgLock")
-            .field("what", &self.guard.what)
+            .field("what", &self.state().lock.what)
             .field("backend_pid", &self.backend_pid())
-            .field("fence", &self.fence)
+            .field("fence", &self.fence())
             .field("lost", &self.lost_cause())
             .finish()
     }

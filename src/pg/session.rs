@@ -1,6 +1,7 @@
 //! `PgLockBuilder` and `PgSession`: the dedicated connection a lock is taken on.
 
 use std::collections::HashMap;
+use std::convert::identity;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -8,6 +9,7 @@ use std::panic::Location;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
@@ -15,10 +17,10 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, NoTls, Statement};
 use tokio_util::sync::CancellationToken;
 
-use super::error::{Holder, PgLockHeld, closed_cause, pg_error};
+use super::error::{Holder, PgLockHeld, pg_error};
 use super::key::{LockKey, Resolved};
 use super::lock::PgLock;
-use super::watch::{OnConnectionEnd, Watch, Watched};
+use super::watch::{ConnectionTask, Granted, LockState, OnConnectionEnd, Watch, Watched};
 use crate::rt::Reaper;
 
 /// How to connect and lock: the server, shared or exclusive, the liveness check, fencing.
@@ -208,7 +210,7 @@ impl PgLockBuilder {
         let (site, key, options) = (Location::caller(), key.into(), self.clone());
         async move {
             let session = PgSession::connect(&options).await?;
-            held_as_error(session.lock(key, Wait::Block, site).await)
+            session.lock(key, Wait::Block, site, held_as_error).await
         }
     }
 
@@ -241,7 +243,7 @@ impl PgLockBuilder {
         let (site, key, options) = (Location::caller(), key.into(), self.clone());
         async move {
             let session = PgSession::connect(&options).await?;
-            session.lock(key, Wait::Try, site).await
+            session.lock(key, Wait::Try, site, identity).await
         }
     }
 
@@ -264,7 +266,9 @@ impl PgLockBuilder {
         let (site, key, options) = (Location::caller(), key.into(), self.clone());
         async move {
             let session = PgSession::connect(&options).await?;
-            held_as_error(session.lock(key, Wait::For(timeout), site).await)
+            session
+                .lock(key, Wait::For(timeout), site, held_as_error)
+                .await
         }
     }
 }
@@ -379,7 +383,12 @@ struct Statements {
 /// }
 /// # Ok(()) }
 /// ```
-pub struct PgSession {
+pub struct PgSession(pub(crate) Box<Session>);
+
+/// What a [`PgSession`] holds. Boxed: the session moves into every acquire future, then
+/// into the lock and its release future and back, and the futures are copied where they
+/// are awaited; a pointer keeps those moves and copies small.
+pub(crate) struct Session {
     pub(crate) client: Arc<Client>,
     pub(crate) conn_task: AbortHandle,
     pub(crate) options: Arc<PgLockBuilder>,
@@ -389,9 +398,7 @@ pub struct PgSession {
     pub(crate) closed: CancellationToken,
     /// The lock held now, shared with the connection task and the watch task.
     pub(crate) watched: Arc<Watched>,
-    /// Boxed: the session moves through every acquire and release future, and a
-    /// pointer moves cheaper than the caches.
-    cache: Box<Cache>,
+    cache: Cache,
 }
 
 /// What a session prepares or works out once and reuses.
@@ -408,6 +415,10 @@ struct Cache {
     /// The last lock's description ("exclusive advisory lock 42 on host:port"), reused
     /// when the next lock has the same key.
     what: Option<(LockKey, Arc<str>)>,
+    /// The state of the last lock released, for the next lock (see `lock_state`).
+    spare: Option<Arc<LockState>>,
+    /// The runtime the connection task runs on, where a dropped lock's unlock runs.
+    runtime: Option<Handle>,
 }
 
 impl PgSession {
@@ -455,12 +466,7 @@ impl PgSession {
                 closed: closed.clone(),
                 why: None,
             };
-            tokio::spawn(async move {
-                let mut on_end = on_end;
-                let result = connection.await;
-                on_end.ended(closed_cause(result.as_ref().err()));
-            })
-            .abort_handle()
+            tokio::spawn(ConnectionTask { connection, on_end }).abort_handle()
         };
         let client = Arc::new(client);
         // One watch per session, for all the locks it takes in turn; it ends with the
@@ -477,7 +483,7 @@ impl PgSession {
             }
             .run(),
         );
-        let mut session = PgSession {
+        let mut session = PgSession(Box::new(Session {
             client,
             // Aborting the task drops the connection: the socket closes at once.
             conn_task,
@@ -486,14 +492,18 @@ impl PgSession {
             backend_pid: 0,
             closed,
             watched,
-            cache: Box::default(),
-        };
+            cache: Cache {
+                runtime: Handle::try_current().ok(),
+                ..Cache::default()
+            },
+        }));
         let row = session
+            .0
             .client
             .query_one("SELECT pg_backend_pid()", &[])
             .await
             .map_err(|e| session.error(e, "cannot start a session"))?;
-        session.backend_pid = row.get(0);
+        session.0.backend_pid = row.get(0);
         Ok(session)
     }
 
@@ -514,10 +524,7 @@ impl PgSession {
         self,
         key: impl Into<LockKey>,
     ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
-        // Not `let lock = self.lock(..); async move { lock.await }`: the future would
-        // be stored twice over.
-        let (key, site) = (key.into(), Location::caller());
-        async move { held_as_error(self.lock(key, Wait::Block, site).await) }
+        self.lock(key.into(), Wait::Block, Location::caller(), held_as_error)
     }
 
     /// Takes the lock on `key` if it is free now: `Ok(Ok(lock))`, or `Ok(Err(held))`
@@ -546,7 +553,7 @@ impl PgSession {
         self,
         key: impl Into<LockKey>,
     ) -> impl Future<Output = io::Result<Result<PgLock, PgLockHeld>>> + Send + 'static {
-        self.lock(key.into(), Wait::Try, Location::caller())
+        self.lock(key.into(), Wait::Try, Location::caller(), identity)
     }
 
     /// Takes the lock on `key`, waiting at most `timeout`.
@@ -564,25 +571,27 @@ impl PgSession {
         key: impl Into<LockKey>,
         timeout: Duration,
     ) -> impl Future<Output = io::Result<PgLock>> + Send + 'static {
-        // Not `let lock = self.lock(..); async move { lock.await }`: the future would
-        // be stored twice over.
-        let (key, site) = (key.into(), Location::caller());
-        async move { held_as_error(self.lock(key, Wait::For(timeout), site).await) }
+        self.lock(
+            key.into(),
+            Wait::For(timeout),
+            Location::caller(),
+            held_as_error,
+        )
     }
 
     /// The server's pid for this session (`pg_backend_pid()`).
     pub fn backend_pid(&self) -> i32 {
-        self.backend_pid
+        self.0.backend_pid
     }
 
     /// The server, as `host:port`.
     pub fn endpoint(&self) -> &str {
-        &self.endpoint
+        &self.0.endpoint
     }
 
     /// Whether the connection has ended.
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
+        self.0.closed.is_cancelled()
     }
 
     pub(crate) fn error(&self, e: tokio_postgres::Error, what: &str) -> io::Error {
@@ -590,26 +599,49 @@ impl PgSession {
             e,
             format_args!(
                 "{what} on PostgreSQL at {} (backend pid {})",
-                self.endpoint, self.backend_pid
+                self.0.endpoint, self.0.backend_pid
             ),
         )
+    }
+
+    /// The state (`lost()` token, cause) of a lock about to be granted: the last lock's,
+    /// if nothing refers to it any more, else a new one.
+    pub(crate) fn lock_state(&mut self, lock: Granted) -> Arc<LockState> {
+        let lock = match self.0.cache.spare.take() {
+            Some(spare) => match LockState::reuse(spare, lock) {
+                Ok(state) => return state,
+                Err(lock) => lock,
+            },
+            None => lock,
+        };
+        Arc::new(LockState::new(lock))
+    }
+
+    /// The runtime the session's connection task runs on.
+    pub(crate) fn runtime(&self) -> Option<Handle> {
+        self.0.cache.runtime.clone()
+    }
+
+    /// Keeps the state of a lock just released for the next lock.
+    pub(crate) fn keep_lock_state(&mut self, state: Arc<LockState>) {
+        self.0.cache.spare = Some(state);
     }
 
     /// What error messages and events call the lock on `key`: "exclusive advisory lock
     /// 42 on host:port". Kept for the next lock on the same key.
     fn describe(&mut self, key: &LockKey) -> Arc<str> {
-        if let Some((last, what)) = &self.cache.what
+        if let Some((last, what)) = &self.0.cache.what
             && last == key
         {
             return Arc::clone(what);
         }
-        let mode = if self.options.shared {
+        let mode = if self.0.options.shared {
             "shared"
         } else {
             "exclusive"
         };
-        let what: Arc<str> = format!("{mode} advisory lock {key} on {}", self.endpoint).into();
-        self.cache.what = Some((key.clone(), Arc::clone(&what)));
+        let what: Arc<str> = format!("{mode} advisory lock {key} on {}", self.0.endpoint).into();
+        self.0.cache.what = Some((key.clone(), Arc::clone(&what)));
         what
     }
 
@@ -620,35 +652,43 @@ impl PgSession {
     /// and a held lock is looked up in `pg_locks`: those slow paths are boxed futures,
     /// so that the future of the usual path (one lock query) stays small and cheap to
     /// move.
-    pub(crate) async fn lock(
+    ///
+    /// The outcome goes through `finish` (`held_as_error` for `acquire`), so that the
+    /// public futures are this one, not a wrapper around it: a wrapper would store the
+    /// arguments twice and move the lock once more.
+    pub(crate) async fn lock<T>(
         mut self,
         key: LockKey,
         wait: Wait,
         site: &'static Location<'static>,
-    ) -> io::Result<Result<PgLock, PgLockHeld>> {
+        finish: impl FnOnce(io::Result<Result<PgLock, PgLockHeld>>) -> T,
+    ) -> T {
         let resolved = match &key {
             LockKey::Id(k) => Resolved::Id(*k),
             LockKey::Pair(a, b) => Resolved::Pair(*a, *b),
-            LockKey::Name(name) => match self.cache.names.get(name.as_ref()) {
+            LockKey::Name(name) => match self.0.cache.names.get(name.as_ref()) {
                 Some(k) => Resolved::Id(*k),
-                None => Box::pin(self.resolve(&key)).await?,
+                None => match Box::pin(self.resolve(&key)).await {
+                    Ok(resolved) => resolved,
+                    Err(e) => return finish(Err(e)),
+                },
             },
         };
-        let fencing = self.options.fence_table.is_some();
+        let fencing = self.0.options.fence_table.is_some();
         let form = resolved.form();
         // Everything is prepared before the lock is asked for: once it is granted,
         // nothing is awaited before the guard exists.
-        if self.cache.stmts[form].is_none()
-            || (fencing && self.cache.fence_stmts[form].is_none())
-            || self.watched.check.get().is_none()
-        {
-            Box::pin(self.prepare(resolved)).await?;
+        let unprepared = self.0.cache.stmts[form].is_none()
+            || (fencing && self.0.cache.fence_stmts[form].is_none())
+            || self.0.watched.check.get().is_none();
+        if unprepared && let Err(e) = Box::pin(self.prepare(resolved)).await {
+            return finish(Err(e));
         }
         let lock_stmt = match (fencing, wait) {
-            (true, Wait::Try) => self.cache.fence_stmts[form].as_ref().map(|s| &s.1),
-            (true, _) => self.cache.fence_stmts[form].as_ref().map(|s| &s.0),
-            (false, Wait::Try) => self.cache.stmts[form].as_ref().map(|s| &s.try_lock),
-            (false, _) => self.cache.stmts[form].as_ref().map(|s| &s.lock),
+            (true, Wait::Try) => self.0.cache.fence_stmts[form].as_ref().map(|s| &s.1),
+            (true, _) => self.0.cache.fence_stmts[form].as_ref().map(|s| &s.0),
+            (false, Wait::Try) => self.0.cache.stmts[form].as_ref().map(|s| &s.try_lock),
+            (false, _) => self.0.cache.stmts[form].as_ref().map(|s| &s.lock),
         };
         let Some(lock_stmt) = lock_stmt.cloned() else {
             unreachable!("the lock statements were prepared above")
@@ -666,7 +706,7 @@ impl PgSession {
         // From here the server may be waiting for the lock on our behalf: if this future
         // is dropped, tell it to stop and close the connection.
         let cancel_on_drop = CancelOnDrop(Some(&self));
-        let client = &*self.client;
+        let client = &*self.0.client;
         // One query future for both waits (`query_opt`: no row when `try` with fencing
         // did not get the lock), so that the future holds one, not two.
         let outcome: Result<Option<i64>, tokio_postgres::Error> = match wait {
@@ -682,16 +722,21 @@ impl PgSession {
             },
         };
         cancel_on_drop.disarm();
-        match outcome {
+        finish(match outcome {
             Ok(Some(token)) => {
                 let what = self.describe(&key);
-                let Some(unlock) = self.cache.stmts[form].as_ref().map(|s| s.unlock.clone()) else {
+                let Some(unlock) = self.0.cache.stmts[form].as_ref().map(|s| s.unlock.clone())
+                else {
                     unreachable!("the lock statements were prepared above")
                 };
-                let fence = fencing.then_some(token);
-                Ok(Ok(PgLock::new(
-                    self, key, resolved, fence, unlock, what, site,
-                )))
+                let lock = Granted {
+                    key,
+                    resolved,
+                    what,
+                    fence: fencing.then_some(token),
+                    site,
+                };
+                Ok(Ok(PgLock::new(self, lock, unlock)))
             }
             Ok(None) => {
                 let waited = start.map_or(Duration::ZERO, |start| start.elapsed());
@@ -701,10 +746,10 @@ impl PgSession {
                 let what = self.describe(&key);
                 Err(pg_error(
                     e,
-                    format_args!("cannot take {what} (backend pid {})", self.backend_pid),
+                    format_args!("cannot take {what} (backend pid {})", self.0.backend_pid),
                 ))
             }
-        }
+        })
     }
 
     /// The lock is held by others: who.
@@ -728,7 +773,7 @@ impl PgSession {
     /// fencing ones, the liveness check.
     async fn prepare(&mut self, key: Resolved) -> io::Result<()> {
         self.statements(key).await?;
-        if self.options.fence_table.is_some() {
+        if self.0.options.fence_table.is_some() {
             self.fence_statements(key).await?;
         }
         self.check_statement().await
@@ -740,16 +785,17 @@ impl PgSession {
             LockKey::Id(k) => Resolved::Id(*k),
             LockKey::Pair(a, b) => Resolved::Pair(*a, *b),
             LockKey::Name(name) => {
-                if let Some(k) = self.cache.names.get(name.as_ref()) {
+                if let Some(k) = self.0.cache.names.get(name.as_ref()) {
                     return Ok(Resolved::Id(*k));
                 }
                 let row = self
+                    .0
                     .client
                     .query_one("SELECT hashtextextended($1, 0)", &[&name.as_ref()])
                     .await
                     .map_err(|e| self.error(e, &format!("cannot hash the lock name {name:?}")))?;
                 let k: i64 = row.get(0);
-                self.cache.names.insert(name.to_string(), k);
+                self.0.cache.names.insert(name.to_string(), k);
                 Resolved::Id(k)
             }
         })
@@ -757,14 +803,14 @@ impl PgSession {
 
     /// Prepares the lock statements for keys of `key`'s form, once.
     async fn statements(&mut self, key: Resolved) -> io::Result<()> {
-        if self.cache.stmts[key.form()].is_some() {
+        if self.0.cache.stmts[key.form()].is_some() {
             return Ok(());
         }
-        let shared = self.options.shared;
+        let shared = self.0.options.shared;
         let sfx = if shared { "_shared" } else { "" };
         let args = key.args();
         let prepare = |sql: String| {
-            let client = Arc::clone(&self.client);
+            let client = Arc::clone(&self.0.client);
             async move { client.prepare(&sql).await }
         };
         let (lock, try_lock, unlock) = tokio::try_join!(
@@ -773,7 +819,7 @@ impl PgSession {
             prepare(format!("SELECT pg_advisory_unlock{sfx}({args})")),
         )
         .map_err(|e| self.error(e, "cannot prepare the lock statements"))?;
-        self.cache.stmts[key.form()] = Some(Statements {
+        self.0.cache.stmts[key.form()] = Some(Statements {
             lock,
             try_lock,
             unlock,
@@ -785,11 +831,11 @@ impl PgSession {
     /// statement: `(wait, try)`, each returning the new token (no row when `try` did not
     /// get the lock). The table is created on first use.
     async fn fence_statements(&mut self, key: Resolved) -> io::Result<()> {
-        if self.cache.fence_stmts[key.form()].is_some() {
+        if self.0.cache.fence_stmts[key.form()].is_some() {
             return Ok(());
         }
-        let shared = self.options.shared;
-        let table = quote_ident(self.options.fence_table.as_deref().unwrap_or_default());
+        let shared = self.0.options.shared;
+        let table = quote_ident(self.0.options.fence_table.as_deref().unwrap_or_default());
         let sfx = if shared { "_shared" } else { "" };
         let (args, cols) = (key.args(), key.fence_columns());
         // The counter is bumped after the lock is granted (the insert reads the CTE's
@@ -808,12 +854,12 @@ impl PgSession {
         let mut created = false;
         loop {
             let prepared = tokio::try_join!(
-                self.client.prepare(&wait_sql),
-                self.client.prepare(&try_sql)
+                self.0.client.prepare(&wait_sql),
+                self.0.client.prepare(&try_sql)
             );
             match prepared {
                 Ok(pair) => {
-                    self.cache.fence_stmts[key.form()] = Some(pair);
+                    self.0.cache.fence_stmts[key.form()] = Some(pair);
                     return Ok(());
                 }
                 Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) && !created => {
@@ -822,7 +868,7 @@ impl PgSession {
                         "CREATE TABLE IF NOT EXISTS {table} (space int2 NOT NULL, key int8 NOT NULL, \
                          token int8 NOT NULL, PRIMARY KEY (space, key))"
                     );
-                    match self.client.batch_execute(&create).await {
+                    match self.0.client.batch_execute(&create).await {
                         Ok(()) => {}
                         // Created by another session at the same moment.
                         Err(e)
@@ -847,10 +893,11 @@ impl PgSession {
 
     /// The liveness check: does this session still hold the lock?
     async fn check_statement(&mut self) -> io::Result<()> {
-        if self.watched.check.get().is_some() {
+        if self.0.watched.check.get().is_some() {
             return Ok(());
         }
         let s = self
+            .0
             .client
             .prepare(
                 "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
@@ -860,16 +907,16 @@ impl PgSession {
             )
             .await
             .map_err(|e| self.error(e, "cannot prepare the liveness check"))?;
-        let _ = self.watched.check.set(s);
+        let _ = self.0.watched.check.set(s);
         Ok(())
     }
 
     async fn holders(&mut self, key: Resolved) -> io::Result<Vec<Holder>> {
-        let stmt = match &self.cache.holders {
+        let stmt = match &self.0.cache.holders {
             Some(s) => s.clone(),
             None => {
                 let s = self
-                    .client
+                    .0.client
                     .prepare(
                         "SELECT l.pid, coalesce(a.application_name, ''), host(a.client_addr), \
                          l.mode = 'ShareLock' FROM pg_locks l \
@@ -881,12 +928,13 @@ impl PgSession {
                     )
                     .await
                     .map_err(|e| self.error(e, "cannot prepare the holders query"))?;
-                self.cache.holders = Some(s.clone());
+                self.0.cache.holders = Some(s.clone());
                 s
             }
         };
         let (classid, objid, objsubid) = key.pg_locks();
         let rows = self
+            .0
             .client
             .query(&stmt, &[&classid, &objid, &objsubid])
             .await
@@ -906,8 +954,8 @@ impl PgSession {
 impl fmt::Debug for PgSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgSession")
-            .field("endpoint", &self.endpoint)
-            .field("backend_pid", &self.backend_pid)
+            .field("endpoint", &self.0.endpoint)
+            .field("backend_pid", &self.0.backend_pid)
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }
@@ -928,8 +976,13 @@ impl CancelOnDrop<'_> {
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
         if let Some(session) = self.0.take() {
-            let (token, conn_task) = (session.client.cancel_token(), session.conn_task.clone());
-            let reaper = session.options.reaper.as_ref().unwrap_or(Reaper::global());
+            let (token, conn_task) = (session.0.client.cancel_token(), session.0.conn_task.clone());
+            let reaper = session
+                .0
+                .options
+                .reaper
+                .as_ref()
+                .unwrap_or(Reaper::global());
             reaper.defer(async move {
                 let result = token.cancel_query(NoTls).await;
                 conn_task.abort();

@@ -12,9 +12,12 @@
 //! at (no timer of its own), and the watch closes the connection when an unlock has
 //! waited longer than the timeout.
 
+use std::future::Future;
 use std::panic::Location;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::task::AbortHandle;
@@ -23,8 +26,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
-use super::error::{LostCause, chain};
-use super::key::Resolved;
+use super::error::{LostCause, chain, closed_cause};
+use super::key::{LockKey, Resolved};
 use crate::ledger::{Kind, events};
 
 pub(crate) static KIND: Kind = Kind::new("custodian::pg::PgLock");
@@ -46,16 +49,66 @@ pub(crate) struct Watched {
     unlock_timed_out: AtomicBool,
 }
 
-/// One held lock as the watch sees it: its `lost()` token and why it fired.
-pub(crate) struct LockState {
-    pub(crate) lost: CancellationToken,
-    pub(crate) cause: OnceLock<LostCause>,
+/// What a lock is, from its grant to its release.
+pub(crate) struct Granted {
+    pub(crate) key: LockKey,
+    /// The key as the server sees it.
+    pub(crate) resolved: Resolved,
+    /// What errors and events call the lock ("exclusive advisory lock 42 on host:port").
     pub(crate) what: Arc<str>,
-    pub(crate) key: Resolved,
+    pub(crate) fence: Option<i64>,
     pub(crate) site: &'static Location<'static>,
 }
 
+/// One held lock, shared by its guard and the watch: what it is, its `lost()` token and
+/// why it fired. Behind an `Arc`, so that the guard stays small and cheap to move.
+///
+/// A session reuses the state of its last lock for the next one when nothing else
+/// refers to it (see [`LockState::reuse`]): consecutive locks then allocate neither the
+/// state nor its token.
+pub(crate) struct LockState {
+    pub(crate) lost: CancellationToken,
+    pub(crate) cause: OnceLock<LostCause>,
+    /// Set once `lost_token` handed out a child of `lost`: that child outlives the lock,
+    /// so the token must not serve another lock.
+    handed_out: AtomicBool,
+    pub(crate) lock: Granted,
+}
+
 impl LockState {
+    pub(crate) fn new(lock: Granted) -> Self {
+        LockState {
+            lost: CancellationToken::new(),
+            cause: OnceLock::new(),
+            handed_out: AtomicBool::new(false),
+            lock,
+        }
+    }
+
+    /// Makes `state` that of the new `lock`, if it can be: nothing else refers to it
+    /// (the lock that had it is gone, no watch check holds it) and its token neither
+    /// fired nor had a child handed out. Otherwise gives `lock` back.
+    pub(crate) fn reuse(
+        mut state: Arc<LockState>,
+        lock: Granted,
+    ) -> Result<Arc<LockState>, Granted> {
+        let Some(s) = Arc::get_mut(&mut state) else {
+            return Err(lock);
+        };
+        // Only `fire` cancels `lost`, after setting the cause.
+        if s.cause.get().is_some() || *s.handed_out.get_mut() {
+            return Err(lock);
+        }
+        s.lock = lock;
+        Ok(state)
+    }
+
+    /// A token cancelled when the lock is lost, for the holder's tasks.
+    pub(crate) fn lost_token(&self) -> CancellationToken {
+        self.handed_out.store(true, Ordering::Relaxed);
+        self.lost.child_token()
+    }
+
     /// Fires `lost()`, once: the cause is kept, the loss is counted as a failure in the
     /// ledger and reported as an `error` event naming the key and the cause.
     fn fire(&self, cause: LostCause) {
@@ -64,7 +117,8 @@ impl LockState {
         }
         if let Some(cause) = self.cause.get() {
             KIND.count_failure();
-            events::failure("lock lost", KIND.name(), self.site, &self.what, cause);
+            let Granted { site, what, .. } = &self.lock;
+            events::failure("lock lost", KIND.name(), site, what, cause);
         }
         self.lost.cancel();
     }
@@ -180,7 +234,7 @@ impl Watch {
             let Some(client) = self.client.upgrade() else {
                 return;
             };
-            let (classid, objid, objsubid) = lock.key.pg_locks();
+            let (classid, objid, objsubid) = lock.lock.resolved.pg_locks();
             let params: [&(dyn ToSql + Sync); 3] = [&classid, &objid, &objsubid];
             let query = client.query_one(check, &params);
             let outcome = tokio::select! {
@@ -209,6 +263,30 @@ impl Watch {
     }
 }
 
+/// The connection task of a session: drives the connection, and tells the session when
+/// it ended and why (through [`OnConnectionEnd`]). A plain future rather than an `async`
+/// block, because it is polled for every message of the session and should cost no more
+/// than polling the connection.
+pub(crate) struct ConnectionTask<C> {
+    pub(crate) connection: C,
+    pub(crate) on_end: OnConnectionEnd,
+}
+
+impl<C> Future for ConnectionTask<C>
+where
+    C: Future<Output = Result<(), tokio_postgres::Error>> + Unpin,
+{
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let result = ready!(Pin::new(&mut this.connection).poll(cx));
+        // Reported when the task drops this future, right after it completes.
+        this.on_end.ended(closed_cause(result.as_ref().err()));
+        Poll::Ready(())
+    }
+}
+
 /// Kept by the connection task: when the task ends, whether the connection closed or
 /// the task was aborted (the session closed it), the session learns that it is closed
 /// and the lock it held, if any, is lost.
@@ -233,5 +311,51 @@ impl Drop for OnConnectionEnd {
             .unwrap_or_else(|| LostCause::ConnectionClosed("closed by this process".into()));
         self.watched.connection_ended(why);
         self.closed.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn granted(k: i64) -> Granted {
+        Granted {
+            key: LockKey::Id(k),
+            resolved: Resolved::Id(k),
+            what: format!("exclusive advisory lock {k}").into(),
+            fence: Some(k),
+            site: Location::caller(),
+        }
+    }
+
+    #[test]
+    fn a_lock_state_serves_the_next_lock_only_when_nothing_else_refers_to_it() {
+        let state = Arc::new(LockState::new(granted(1)));
+        let Ok(state) = LockState::reuse(state, granted(2)) else {
+            panic!("a state nothing else refers to is reused");
+        };
+        assert_eq!(state.lock.key, LockKey::Id(2));
+        assert_eq!(state.lock.fence, Some(2));
+        assert_eq!(&*state.lock.what, "exclusive advisory lock 2");
+
+        // A watch check in flight holds a clone: the next lock gets a state of its own.
+        let in_check = Arc::clone(&state);
+        let Err(lock) = LockState::reuse(state, granted(3)) else {
+            panic!("a state the watch still holds is not reused");
+        };
+        assert_eq!(lock.key, LockKey::Id(3));
+        drop(in_check);
+    }
+
+    #[test]
+    fn a_lock_state_that_fired_or_handed_out_a_token_is_not_reused() {
+        let fired = Arc::new(LockState::new(granted(1)));
+        fired.fire(LostCause::NotHeld);
+        assert!(LockState::reuse(fired, granted(2)).is_err());
+
+        let handed_out = Arc::new(LockState::new(granted(1)));
+        let token = handed_out.lost_token();
+        assert!(LockState::reuse(handed_out, granted(2)).is_err());
+        assert!(!token.is_cancelled());
     }
 }

@@ -224,7 +224,7 @@ impl<T: Send + 'static> AsyncGuard<T> {
     pub fn builder() -> AsyncGuardBuilder<T> {
         AsyncGuardBuilder {
             kind: &KIND,
-            site: None,
+            acquired: None,
             resource: None,
             reaper: ReaperRef::Global,
             handle: None,
@@ -544,7 +544,8 @@ impl<T: Send + 'static + fmt::Debug, E: 'static> fmt::Debug for AsyncGuard<T, E>
 #[must_use = "a builder does nothing until `build`"]
 pub struct AsyncGuardBuilder<T> {
     kind: &'static Kind,
-    site: Option<&'static Location<'static>>,
+    /// The ticket and runtime of a resource acquired before its guard is built.
+    acquired: Option<(Ticket, Option<Handle>)>,
     resource: Option<Cow<'static, str>>,
     reaper: ReaperRef,
     handle: Option<Handle>,
@@ -589,11 +590,13 @@ impl<T: Send + 'static> AsyncGuardBuilder<T> {
         self
     }
 
-    /// The acquisition site recorded in the ledger (default: the caller of `build`), for
-    /// guards whose public constructor is an `async fn` and captures its caller first.
+    /// For a resource counted in the ledger before its guard is built (a guard built only
+    /// when the resource is dropped or closed, so that the hand-off's allocations are
+    /// not paid by every acquisition): the `ticket` taken at acquisition, which keeps its
+    /// kind and site, and the runtime current then (`None`: none was), used as they are.
     #[cfg(feature = "postgres")]
-    pub(crate) fn site(mut self, site: &'static Location<'static>) -> Self {
-        self.site = Some(site);
+    pub(crate) fn acquired(mut self, ticket: Ticket, handle: Option<Handle>) -> Self {
+        self.acquired = Some((ticket, handle));
         self
     }
 
@@ -650,11 +653,13 @@ impl<T: Send + 'static> AsyncGuardBuilder<T> {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        let ticket = match self.site {
-            Some(site) => Ticket::at(self.kind, site),
-            None => Ticket::new(self.kind),
+        let (ticket, handle) = match self.acquired {
+            Some(acquired) => acquired,
+            None => (
+                Ticket::new(self.kind),
+                self.handle.or_else(|| Handle::try_current().ok()),
+            ),
         };
-        let handle = self.handle.or_else(|| Handle::try_current().ok());
         let options = match (self.resource, self.reaper, self.fallback) {
             (None, ReaperRef::Global, None) => None,
             (resource, reaper, fallback) => Some(Box::new(Options {
