@@ -328,14 +328,15 @@ pub(crate) struct NamedFuture {
 
 #[cfg(feature = "tokio")]
 impl NamedFuture {
-    pub(crate) fn new(
+    /// `cleanup` under `label`, boxed as the async stacks and scopes keep their entries.
+    pub(crate) fn boxed<E: Into<BoxError>>(
         label: Cow<'static, str>,
-        fut: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send>>,
-    ) -> NamedFuture {
-        NamedFuture {
+        cleanup: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send>> {
+        Box::pin(NamedFuture {
             label: Some(label),
-            fut,
-        }
+            fut: Box::pin(async move { cleanup.await.map_err(Into::into) }),
+        })
     }
 }
 

@@ -223,18 +223,29 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         if let Some(dir) = self.inner.take() {
             let path = dir.path().to_path_buf();
-            if self.failure_returned {
-                // `close` returned this failure already: one more try, counted if it fails.
-                if dir.close().is_err() {
-                    self.ticket.count_failure();
-                }
-                return;
-            }
-            self.ticket.dropped_without_close(&path.display());
-            if let Err(e) = dir.close() {
-                self.ticket.failure(&path.display(), &e);
-            }
+            remove_on_drop(&self.ticket, self.failure_returned, &path, || dir.close());
         }
+    }
+}
+
+/// What `Drop` does for both guards: `remove` the path, reporting a failure (tracing
+/// `error` event and the ledger), or, when `close` already returned the failure with the
+/// guard, only counting it if this last try fails too (one failure, one report).
+fn remove_on_drop(
+    ticket: &Ticket,
+    failure_returned: bool,
+    path: &Path,
+    remove: impl FnOnce() -> io::Result<()>,
+) {
+    if failure_returned {
+        if remove().is_err() {
+            ticket.count_failure();
+        }
+        return;
+    }
+    ticket.dropped_without_close(&path.display());
+    if let Err(e) = remove() {
+        ticket.failure(&path.display(), &e);
     }
 }
 
@@ -458,17 +469,7 @@ impl Drop for TempFile {
     fn drop(&mut self) {
         if let Some(file) = self.inner.take() {
             let path = file.path().to_path_buf();
-            if self.failure_returned {
-                // `close` returned this failure already: one more try, counted if it fails.
-                if file.close().is_err() {
-                    self.ticket.count_failure();
-                }
-                return;
-            }
-            self.ticket.dropped_without_close(&path.display());
-            if let Err(e) = file.close() {
-                self.ticket.failure(&path.display(), &e);
-            }
+            remove_on_drop(&self.ticket, self.failure_returned, &path, || file.close());
         }
     }
 }

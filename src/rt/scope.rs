@@ -401,10 +401,8 @@ impl<E> AsyncScope<E> {
     ) where
         Er: Into<BoxError>,
     {
-        let fut: BoxFuture<Result<(), BoxError>> =
-            Box::pin(async move { cleanup.await.map_err(Into::into) });
         self.register(
-            What::Always(Box::pin(crate::error::NamedFuture::new(label.into(), fut))),
+            What::Always(crate::error::NamedFuture::boxed(label.into(), cleanup)),
             "defer_named",
             Location::caller(),
         );

@@ -268,11 +268,9 @@ impl AsyncCleanupStack {
     ) where
         E: Into<BoxError>,
     {
-        let fut: BoxFuture<Result<(), BoxError>> =
-            Box::pin(async move { cleanup.await.map_err(Into::into) });
         self.push_entry(
             "defer_named",
-            Box::pin(crate::error::NamedFuture::new(label.into(), fut)),
+            crate::error::NamedFuture::boxed(label.into(), cleanup),
         );
     }
 
